@@ -1,0 +1,239 @@
+//! The agent's link to the coordinator: dials out over mTLS, registers, sends heartbeats and
+//! reports, receives signed commands, verifies them and hands them to the engine. Reconnects
+//! with capped, jittered backoff. Reports produced while disconnected are kept (bounded) and
+//! sent after reconnecting.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use faultline_proto::v1 as pb;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::clock::now_ms;
+use crate::engine::EngineHandle;
+use crate::verify::Verifier;
+
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Reports kept while disconnected; older ones are dropped (and counted) past this.
+const PENDING_REPORTS_MAX: usize = 10_000;
+
+/// What the agent says about itself when it registers.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub name: String,
+    pub version: String,
+    pub host: pb::HostFacts,
+    pub capabilities: Vec<pb::Capability>,
+}
+
+/// Drives the connection until `shutdown` turns true.
+#[derive(Debug)]
+pub struct Link {
+    pub channel: Channel,
+    pub registration: Registration,
+    pub verifier: Verifier,
+    pub engine: EngineHandle,
+    pub reports: mpsc::Receiver<pb::CommandReport>,
+    pending: VecDeque<pb::CommandReport>,
+    dropped_reports: u64,
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+impl Link {
+    pub fn new(
+        channel: Channel,
+        registration: Registration,
+        verifier: Verifier,
+        engine: EngineHandle,
+        reports: mpsc::Receiver<pb::CommandReport>,
+    ) -> Self {
+        Self {
+            channel,
+            registration,
+            verifier,
+            engine,
+            reports,
+            pending: VecDeque::new(),
+            dropped_reports: 0,
+        }
+    }
+
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = BACKOFF_START;
+        loop {
+            let started = tokio::time::Instant::now();
+            match self.session(&mut shutdown).await {
+                SessionEnd::Shutdown => return,
+                SessionEnd::Lost(why) => {
+                    // A session that lasted a while resets the backoff.
+                    if started.elapsed() > BACKOFF_MAX * 2 {
+                        backoff = BACKOFF_START;
+                    }
+                    tracing::warn!(retry_in = ?backoff, "coordinator link lost: {why}");
+                }
+            }
+            let wait = backoff + jitter(backoff / 4);
+            let sleep = tokio::time::sleep(wait);
+            tokio::pin!(sleep);
+            // Keep collecting reports while waiting, so the engine never blocks on us.
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    report = self.reports.recv() => match report {
+                        Some(report) => self.keep(report),
+                        None => return,
+                    },
+                    _ = shutdown.changed() => if *shutdown.borrow() { return },
+                }
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn keep(&mut self, report: pb::CommandReport) {
+        if self.pending.len() >= PENDING_REPORTS_MAX {
+            self.pending.pop_front();
+            self.dropped_reports += 1;
+            tracing::warn!(
+                dropped = self.dropped_reports,
+                "report buffer full; dropped oldest"
+            );
+        }
+        self.pending.push_back(report);
+    }
+
+    async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> SessionEnd {
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(256);
+        let register = pb::Register {
+            agent_name: self.registration.name.clone(),
+            version: self.registration.version.clone(),
+            host: Some(self.registration.host.clone()),
+            capabilities: self.registration.capabilities.clone(),
+            active_fault_ids: self.engine.active_ids().await,
+        };
+        let body = pb::agent_message::Body::Register(register);
+        if tx
+            .send(pb::AgentMessage { body: Some(body) })
+            .await
+            .is_err()
+        {
+            return SessionEnd::Lost("local stream closed".into());
+        }
+        let mut client = pb::agent_link_client::AgentLinkClient::new(self.channel.clone());
+        let response = tokio::select! {
+            response = client.session(ReceiverStream::new(rx)) => response,
+            _ = shutdown.changed() => return SessionEnd::Shutdown,
+        };
+        let mut inbound = match response {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                return SessionEnd::Lost(format!("{}: {}", status.code(), status.message()));
+            }
+        };
+        tracing::info!(agent = %self.registration.name, "connected to coordinator");
+
+        // Deliver what piled up while we were away.
+        while let Some(report) = self.pending.pop_front() {
+            let body = pb::agent_message::Body::Report(report);
+            if tx
+                .send(pb::AgentMessage { body: Some(body) })
+                .await
+                .is_err()
+            {
+                return SessionEnd::Lost("stream closed while flushing reports".into());
+            }
+        }
+
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        loop {
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(pb::CoordinatorMessage { body: Some(body) })) => {
+                        self.on_message(body, &tx).await;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return SessionEnd::Lost("coordinator closed the stream".into()),
+                    Err(status) => return SessionEnd::Lost(status.to_string()),
+                },
+                report = self.reports.recv() => match report {
+                    Some(report) => {
+                        let body = pb::agent_message::Body::Report(report.clone());
+                        if tx.send(pb::AgentMessage { body: Some(body) }).await.is_err() {
+                            self.keep(report);
+                            return SessionEnd::Lost("stream closed while reporting".into());
+                        }
+                    }
+                    None => return SessionEnd::Shutdown,
+                },
+                _ = heartbeat.tick() => {
+                    let hb = pb::Heartbeat {
+                        sent_at_unix_ms: now_ms(),
+                        active_faults: self.engine.active_ids().await.len() as u32,
+                    };
+                    let body = pb::agent_message::Body::Heartbeat(hb);
+                    if tx.send(pb::AgentMessage { body: Some(body) }).await.is_err() {
+                        return SessionEnd::Lost("stream closed".into());
+                    }
+                }
+                _ = shutdown.changed() => if *shutdown.borrow() { return SessionEnd::Shutdown },
+            }
+        }
+    }
+
+    async fn on_message(
+        &mut self,
+        body: pb::coordinator_message::Body,
+        tx: &mpsc::Sender<pb::AgentMessage>,
+    ) {
+        match body {
+            pb::coordinator_message::Body::Welcome(welcome) => {
+                let skew = welcome.server_time_unix_ms - now_ms();
+                tracing::info!(version = %welcome.coordinator_version, skew_ms = skew,
+                    "coordinator welcomed us");
+            }
+            pb::coordinator_message::Body::Command(signed) => {
+                match self.verifier.verify(&signed, now_ms()) {
+                    Ok(command) => self.engine.command(command).await,
+                    Err(refused) => {
+                        tracing::warn!(command = %refused.command_id, "refused command: {}",
+                            refused.refusal);
+                        let report = pb::CommandReport {
+                            command_id: refused.command_id,
+                            fault_id: refused.fault_id,
+                            run_id: refused.run_id,
+                            kind: pb::ReportKind::Refused as i32,
+                            detail: refused.refusal.to_string(),
+                            at_unix_ms: now_ms(),
+                            ..Default::default()
+                        };
+                        let body = pb::agent_message::Body::Report(report.clone());
+                        if tx
+                            .send(pb::AgentMessage { body: Some(body) })
+                            .await
+                            .is_err()
+                        {
+                            self.keep(report);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A pseudo-random duration below `max`, so a fleet does not reconnect in lockstep.
+fn jitter(max: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let max_ms = max.as_millis().max(1) as u64;
+    Duration::from_millis(u64::from(nanos) % max_ms)
+}

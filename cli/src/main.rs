@@ -1,0 +1,681 @@
+//! `faultline`: the operator's command-line tool. Creates certificates, validates plans, starts
+//! and follows runs, halts everything, and lists agents, runs and the audit log. Talks to the
+//! coordinator's Operator service over mTLS with the operator certificate.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use faultline_domain::plan::{parse_plan, render_errors};
+use faultline_proto::v1 as pb;
+use faultline_tls::identity::Role;
+use faultline_tls::layout::CertDir;
+use serde_json::json;
+
+mod demo;
+mod preflight;
+mod report;
+
+/// Faultline: chaos experiments across a fleet, with faults that are always reverted.
+#[derive(Debug, Parser)]
+#[command(name = "faultline", version)]
+struct Cli {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        global = true,
+        env = "FAULTLINE_COORDINATOR",
+        default_value = "https://127.0.0.1:7443"
+    )]
+    coordinator: String,
+    /// Certificate directory (from `faultline certs init`); uses ca.pem and operator.pem/.key.
+    #[arg(
+        long,
+        global = true,
+        env = "FAULTLINE_CERTS",
+        default_value = "faultline-certs"
+    )]
+    certs: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+enum ReportFormat {
+    #[default]
+    Text,
+    /// GitHub-flavoured Markdown.
+    Md,
+    /// JSON, described by docs/report.schema.json.
+    Json,
+    /// One self-contained HTML page with an SVG timeline.
+    Html,
+}
+
+#[derive(Debug, Args)]
+struct OutputArg {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Certificates and the command-signing key.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Connected and known agents.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+    /// Experiment plans.
+    #[command(subcommand)]
+    Plan(PlanCommand),
+    /// Start a run of a plan.
+    Run {
+        /// Plan file (YAML).
+        file: PathBuf,
+        /// Stream the run's progress until it ends; exit non-zero unless it completed.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Past and current runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+    /// Revert every fault on every agent now and block new runs (or lift that block).
+    Halt {
+        /// Lift a previous halt so new runs may start.
+        #[arg(long)]
+        release: bool,
+        /// Why (recorded in the audit log and the affected runs).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Run a real game-day on this machine: a coordinator, three agents and three demo
+    /// containers, the cascade plan, its findings, and a full teardown (needs Docker).
+    Demo {
+        /// Work directory for certificates, database, agent state and logs (created; reused).
+        #[arg(long, default_value = "faultline-demo")]
+        dir: PathBuf,
+        /// Leave the demo containers running afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// What each agent's host can do, and which faults it offers by which mechanism.
+    Preflight {
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// A run's report: verdict, timeline, per-fault mechanism, verification, time in force and
+    /// revert latency, and the halt; computed from the stored run.
+    Report {
+        /// Run id.
+        id: String,
+        /// Report format.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
+        /// Write the report to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The coordinator's audit log.
+    Audit {
+        /// Newest N entries.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create a CA, coordinator, agent and operator certificates, and a command-signing key.
+    Init {
+        /// Directory to write into (created with mode 0700).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Agent names, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        agents: Vec<String>,
+        /// Name in the operator certificate.
+        #[arg(long, default_value = "operator")]
+        operator: String,
+        /// DNS names or IP addresses the coordinator is reached at (repeatable).
+        #[arg(long = "coordinator-host", value_delimiter = ',',
+              default_values_t = ["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
+        coordinator_hosts: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+        /// Certificate validity in days.
+        #[arg(long, default_value_t = 365)]
+        validity_days: u32,
+    },
+    /// Issue one more agent certificate from an existing CA (ca.pem + ca.key in --dir), e.g.
+    /// for a host added after `certs init`. Writes agent-NAME.pem/.key into --out (default:
+    /// --dir) with ca.pem beside them.
+    IssueAgent {
+        /// Directory holding the CA (ca.pem, ca.key).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The new agent's name.
+        #[arg(long)]
+        name: String,
+        /// Where to write the agent's files (default: --dir).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsCommand {
+    /// List agents known to the coordinator.
+    List(OutputArg),
+}
+
+#[derive(Debug, Subcommand)]
+enum PlanCommand {
+    /// Check plan files; prints each problem as FILE:LINE:COLUMN: FIELD: MESSAGE.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RunsCommand {
+    /// List runs, newest first.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// Show one run with its timeline.
+    Show {
+        id: String,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(err) => {
+            match err.downcast_ref::<tonic::Status>() {
+                // The coordinator's refusals are written for people, one reason per line.
+                Some(status) => {
+                    eprintln!(
+                        "error: {}: {}",
+                        grpc_code_name(status.code()),
+                        status.message()
+                    )
+                }
+                None => eprintln!("error: {err:#}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Certs(CertsCommand::Init {
+            dir,
+            agents,
+            operator,
+            coordinator_hosts,
+            force,
+            validity_days,
+        }) => {
+            let options = faultline_tls::pki::InitOptions {
+                dir: dir.clone(),
+                agents,
+                operator_name: operator,
+                coordinator_hosts,
+                force,
+                validity_days,
+            };
+            let report = faultline_tls::pki::init(&options)
+                .with_context(|| format!("creating certificates in {}", dir.display()))?;
+            for path in &report.written {
+                println!("wrote {}", path.display());
+            }
+            println!(
+                "Keep ca.key and command-signing.key on the coordinator side only; agents need \
+                 ca.pem, their agent-NAME.pem/.key and command-signing.pub."
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(CertsCommand::IssueAgent {
+            dir,
+            name,
+            out,
+            force,
+        }) => {
+            let ca = CertDir::new(&dir);
+            let out = CertDir::new(out.unwrap_or_else(|| dir.clone()));
+            let report = faultline_tls::pki::issue_leaf(&ca, Role::Agent, &name, &out, force)
+                .with_context(|| {
+                    format!("issuing agent {name} from the CA in {}", dir.display())
+                })?;
+            for path in &report.written {
+                println!("wrote {}", path.display());
+            }
+            println!("Give the agent host ca.pem, agent-{name}.pem/.key and command-signing.pub.");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan(PlanCommand::Validate { files }) => Ok(validate_files(&files)),
+        Command::Agents(AgentsCommand::List(output)) => {
+            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let agents = client
+                .list_agents(pb::ListAgentsRequest {})
+                .await?
+                .into_inner()
+                .agents;
+            print_agents(&agents, output.output);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { file, follow } => {
+            let yaml = read_plan(&file)?;
+            let source = file.display().to_string();
+            let plan = match parse_plan(&yaml) {
+                Ok(plan) => plan,
+                Err(errors) => {
+                    eprint!("{}", render_errors(&source, &errors));
+                    eprintln!("plan is invalid; nothing was sent");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let request = pb::StartRunRequest {
+                source_name: source,
+                plan_yaml: yaml,
+            };
+            let run_id = client.start_run(request).await?.into_inner().run_id;
+            println!("run {run_id} started: {}", plan.title);
+            if !follow {
+                println!("follow it with: faultline runs show {run_id}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            follow_run(&mut client, &run_id).await
+        }
+        Command::Runs(RunsCommand::List { limit, output }) => {
+            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let runs = client
+                .list_runs(pb::ListRunsRequest { limit })
+                .await?
+                .into_inner()
+                .runs;
+            print_runs(&runs, output.output);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs(RunsCommand::Show { id, output }) => {
+            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let run = client
+                .get_run(pb::GetRunRequest { run_id: id })
+                .await?
+                .into_inner();
+            print_run(&run, output.output);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Halt { release, reason } => {
+            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let response = client
+                .halt(pb::HaltRequest { release, reason })
+                .await?
+                .into_inner();
+            if response.halted {
+                println!(
+                    "HALTED: {} fault(s) reverted, {} run(s) aborted, halt latency {} ms",
+                    response.faults_reverted, response.runs_aborted, response.halt_latency_ms
+                );
+                println!("{}", response.detail);
+                println!("new runs are blocked until `faultline halt --release`");
+            } else {
+                println!("{}", response.detail);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { dir, keep } => demo::run(&dir, keep).await,
+        Command::Preflight { agent, output } => {
+            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let mut agents = client
+                .list_agents(pb::ListAgentsRequest {})
+                .await?
+                .into_inner()
+                .agents;
+            if let Some(name) = &agent {
+                agents.retain(|a| &a.name == name);
+                if agents.is_empty() {
+                    bail!("the coordinator knows no agent named {name}");
+                }
+            }
+            match output.output {
+                Output::Text => print!("{}", preflight::render_text(&agents)),
+                Output::Json => println!("{}", preflight::render_json(&agents)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { id, format, out } => {
+            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let run = client
+                .get_run(pb::GetRunRequest { run_id: id })
+                .await?
+                .into_inner();
+            let report = report::build_report(&run);
+            let rendered = match format {
+                ReportFormat::Text => report::render_text(&report),
+                ReportFormat::Md => report::render_markdown(&report),
+                ReportFormat::Json => report::render_json(&report)? + "\n",
+                ReportFormat::Html => report::render_html(&report),
+            };
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, rendered)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+                None => print!("{rendered}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { limit, output } => {
+            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let entries = client
+                .list_audit(pb::ListAuditRequest { limit })
+                .await?
+                .into_inner()
+                .entries;
+            print_audit(&entries, output.output);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The canonical gRPC name of a status code (`FAILED_PRECONDITION`), as gRPC tools print it.
+fn grpc_code_name(code: tonic::Code) -> String {
+    let camel = format!("{code:?}");
+    let mut name = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
+type OperatorClient = pb::operator_client::OperatorClient<tonic::transport::Channel>;
+
+fn client(url: &str, certs: &Path) -> anyhow::Result<OperatorClient> {
+    let dir = CertDir::new(certs);
+    let channel = faultline_tls::client::channel(url, &dir, Role::Operator, "operator")
+        .with_context(|| {
+            format!(
+                "preparing mTLS to {url} with certificates in {}",
+                certs.display()
+            )
+        })?;
+    Ok(OperatorClient::new(channel))
+}
+
+fn read_plan(file: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(file).with_context(|| format!("reading plan {}", file.display()))
+}
+
+/// Validates each file locally; prints located errors. Exit 0 only if all are valid.
+fn validate_files(files: &[PathBuf]) -> ExitCode {
+    let mut all_valid = true;
+    for file in files {
+        let source = file.display().to_string();
+        match read_plan(file) {
+            Err(err) => {
+                all_valid = false;
+                eprintln!("{source}: {err:#}");
+            }
+            Ok(yaml) => match parse_plan(&yaml) {
+                Ok(plan) => println!(
+                    "{source}: valid: {} ({} stage(s), {} fault(s) on {})",
+                    plan.title,
+                    plan.stages.len(),
+                    plan.total_faults(),
+                    plan.agents().into_iter().collect::<Vec<_>>().join(", ")
+                ),
+                Err(errors) => {
+                    all_valid = false;
+                    eprint!("{}", render_errors(&source, &errors));
+                }
+            },
+        }
+    }
+    if all_valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
+}
+
+async fn follow_run(client: &mut OperatorClient, run_id: &str) -> anyhow::Result<ExitCode> {
+    let mut stream = client
+        .watch_run(pb::WatchRunRequest {
+            run_id: run_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut final_state = String::new();
+    while let Some(event) = stream.message().await? {
+        println!("{}", format_event(&event));
+        if !event.final_state.is_empty() {
+            final_state = event.final_state.clone();
+            break;
+        }
+    }
+    if final_state.is_empty() {
+        bail!("the coordinator closed the stream before run {run_id} ended");
+    }
+    println!("run {run_id}: {final_state}");
+    Ok(if final_state == "completed" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn timestamp(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let at = UNIX_EPOCH + Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+fn format_event(event: &pb::RunEvent) -> String {
+    let mut scope = Vec::new();
+    if !event.stage.is_empty() {
+        scope.push(format!("stage={}", event.stage));
+    }
+    if !event.agent.is_empty() {
+        scope.push(format!("agent={}", event.agent));
+    }
+    format!(
+        "{} {:<24} {} {}",
+        timestamp(event.at_unix_ms),
+        event.kind,
+        scope.join(" "),
+        event.message
+    )
+}
+
+fn event_json(event: &pb::RunEvent) -> serde_json::Value {
+    json!({
+        "seq": event.seq, "at": timestamp(event.at_unix_ms), "at_unix_ms": event.at_unix_ms,
+        "kind": event.kind, "stage": event.stage, "agent": event.agent,
+        "fault_id": event.fault_id, "message": event.message,
+    })
+}
+
+fn print_agents(agents: &[pb::AgentInfo], output: Output) {
+    match output {
+        Output::Json => {
+            let list: Vec<_> = agents
+                .iter()
+                .map(|a| {
+                    let host = a.host.clone().unwrap_or_default();
+                    json!({
+                        "name": a.name, "connected": a.connected, "version": a.version,
+                        "peer_address": a.peer_address, "active_faults": a.active_faults,
+                        "last_seen": timestamp(a.last_seen_unix_ms),
+                        "host": {"hostname": host.hostname, "kernel": host.kernel, "os": host.os,
+                                 "cpus": host.cpus, "root": host.root},
+                        "capabilities": a.capabilities.iter().map(|c| json!({
+                            "name": c.name, "available": c.available,
+                            "mechanism": c.mechanism, "detail": c.detail,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(list));
+        }
+        Output::Text => {
+            println!(
+                "{:<16} {:<10} {:<8} {:<7} {:<24} LAST SEEN",
+                "NAME", "STATE", "VERSION", "FAULTS", "ADDRESS"
+            );
+            for a in agents {
+                let state = if a.connected { "connected" } else { "away" };
+                println!(
+                    "{:<16} {:<10} {:<8} {:<7} {:<24} {}",
+                    a.name,
+                    state,
+                    a.version,
+                    a.active_faults,
+                    a.peer_address,
+                    timestamp(a.last_seen_unix_ms)
+                );
+            }
+        }
+    }
+}
+
+fn run_json(run: &pb::RunSummary) -> serde_json::Value {
+    json!({
+        "id": run.run_id, "title": run.title, "state": run.state, "operator": run.operator,
+        "created": timestamp(run.created_at_unix_ms),
+        "finished": timestamp(run.finished_at_unix_ms),
+    })
+}
+
+fn print_runs(runs: &[pb::RunSummary], output: Output) {
+    match output {
+        Output::Json => {
+            println!(
+                "{}",
+                serde_json::Value::Array(runs.iter().map(run_json).collect())
+            );
+        }
+        Output::Text => {
+            println!("{:<38} {:<10} {:<26} TITLE", "ID", "STATE", "CREATED");
+            for r in runs {
+                println!(
+                    "{:<38} {:<10} {:<26} {}",
+                    r.run_id,
+                    r.state,
+                    timestamp(r.created_at_unix_ms),
+                    r.title
+                );
+            }
+        }
+    }
+}
+
+fn print_run(run: &pb::RunDetail, output: Output) {
+    let summary = run.summary.clone().unwrap_or_default();
+    match output {
+        Output::Json => {
+            let mut value = run_json(&summary);
+            value["reason"] = json!(run.reason);
+            value["events"] = json!(run.events.iter().map(event_json).collect::<Vec<_>>());
+            value["plan_yaml"] = json!(run.plan_yaml);
+            println!("{value}");
+        }
+        Output::Text => {
+            println!("run      {}", summary.run_id);
+            println!("title    {}", summary.title);
+            println!("state    {}", summary.state);
+            if !run.reason.is_empty() {
+                println!("reason   {}", run.reason);
+            }
+            println!("operator {}", summary.operator);
+            println!("created  {}", timestamp(summary.created_at_unix_ms));
+            println!("finished {}", timestamp(summary.finished_at_unix_ms));
+            println!("timeline:");
+            for event in &run.events {
+                println!("  {}", format_event(event));
+            }
+        }
+    }
+}
+
+fn print_audit(entries: &[pb::AuditEntry], output: Output) {
+    match output {
+        Output::Json => {
+            let list: Vec<_> = entries
+                .iter()
+                .map(|e| {
+                    json!({"id": e.id, "at": timestamp(e.at_unix_ms), "actor": e.actor,
+                           "action": e.action, "outcome": e.outcome, "detail": e.detail})
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(list));
+        }
+        Output::Text => {
+            for e in entries {
+                println!(
+                    "{} {:<8} {:<24} {:<18} {}",
+                    timestamp(e.at_unix_ms),
+                    e.outcome,
+                    e.actor,
+                    e.action,
+                    e.detail
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_codes_print_with_their_canonical_names() {
+        assert_eq!(
+            grpc_code_name(tonic::Code::FailedPrecondition),
+            "FAILED_PRECONDITION"
+        );
+        assert_eq!(
+            grpc_code_name(tonic::Code::PermissionDenied),
+            "PERMISSION_DENIED"
+        );
+        assert_eq!(grpc_code_name(tonic::Code::Ok), "OK");
+    }
+}

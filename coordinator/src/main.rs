@@ -1,0 +1,71 @@
+//! `faultline-coordinator`: wires configuration, logging and the server together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use faultline_coordinator::{CoordinatorConfig, serve};
+
+/// Faultline coordinator: plans, runs, safety interlocks; signed commands to agents over mTLS.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on (mTLS gRPC for agents and operators). Port 0 picks a free port.
+    #[arg(long, env = "FAULTLINE_LISTEN", default_value = "127.0.0.1:7443")]
+    listen: SocketAddr,
+    /// Directory made by `faultline certs init` (ca.pem, coordinator.pem/.key,
+    /// command-signing.key).
+    #[arg(long, env = "FAULTLINE_CERTS")]
+    certs: PathBuf,
+    /// SQLite database file (created and migrated on start).
+    #[arg(long, env = "FAULTLINE_DB", default_value = "faultline.db")]
+    db: PathBuf,
+    /// Safety policy YAML applied to every run on top of the plan's own: `blast_radius`
+    /// (max_targets, max_agents, max_fleet_percent) and `protected` (selectors no plan may
+    /// target). The stricter limit wins. Read once at start; an invalid file stops the start.
+    #[arg(long, env = "FAULTLINE_POLICY")]
+    policy: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,h2=warn,tower=warn,hyper=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = CoordinatorConfig {
+        listen: args.listen,
+        certs: args.certs,
+        db: args.db,
+        policy: args.policy,
+    };
+    serve(
+        config,
+        |addr| println!("faultline-coordinator listening on {addr}"),
+        shutdown_signal(),
+    )
+    .await
+    .context("coordinator failed")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::error!(%err, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down; agents' leases revert any fault still applied");
+}
