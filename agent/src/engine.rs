@@ -10,6 +10,7 @@ use faultline_domain::fault::FaultSpec;
 use faultline_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::clock::now_ms;
 use crate::faults::{self, Backends, FaultIds};
@@ -61,6 +62,8 @@ struct Fault {
     end_at: Instant,
     lease: Duration,
     lease_deadline: Instant,
+    /// The apply command's W3C traceparent: the parent of this fault's agent spans.
+    traceparent: String,
 }
 
 enum Msg {
@@ -76,6 +79,11 @@ enum Msg {
         result: Result<String, String>,
     },
     ActiveIds(oneshot::Sender<Vec<String>>),
+    DryRun {
+        fault_id: String,
+        spec: FaultSpec,
+        reply: oneshot::Sender<Result<faults::DryRun, String>>,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -122,6 +130,25 @@ impl EngineHandle {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
+    }
+
+    /// What applying `spec` would do on this host; changes nothing.
+    pub async fn dry_run(
+        &self,
+        fault_id: String,
+        spec: FaultSpec,
+    ) -> Result<faults::DryRun, String> {
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg::DryRun {
+            fault_id,
+            spec,
+            reply,
+        };
+        if self.tx.send(msg).await.is_err() {
+            return Err("the agent is shutting down".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("the agent is shutting down".into()))
     }
 
     /// Reverts every fault and waits (bounded) for the reverts to finish.
@@ -213,8 +240,14 @@ impl<R: ContainerRuntime, C: CommandRunner> Engine<R, C> {
                 end_at: now,
                 lease: Duration::ZERO,
                 lease_deadline: now,
+                traceparent: String::new(),
             };
             let id = fault.fault_id.clone();
+            crate::metrics::REGISTRY.add(
+                "faultline_agent_faults_active",
+                &[fault.spec.kind.name()],
+                1.0,
+            );
             self.faults.insert(id.clone(), fault);
             self.start_revert(&id, reason::RECOVERY.to_string());
         }
@@ -260,6 +293,7 @@ impl<R: ContainerRuntime, C: CommandRunner> Engine<R, C> {
         }
         for (fault_id, why) in due {
             if why == reason::LEASE {
+                crate::metrics::REGISTRY.add("faultline_agent_lease_expiries_total", &[], 1.0);
                 tracing::warn!(fault = %fault_id, "lease expired without renewal; reverting");
             }
             self.start_revert(&fault_id, why);
@@ -277,6 +311,17 @@ impl<R: ContainerRuntime, C: CommandRunner> Engine<R, C> {
             } => self.on_revert_done(fault_id, reason, result).await,
             Msg::ActiveIds(reply) => {
                 let _ = reply.send(self.faults.keys().cloned().collect());
+            }
+            Msg::DryRun {
+                fault_id,
+                spec,
+                reply,
+            } => {
+                // Resolution talks to Docker and reads /proc: not on the actor's own time.
+                let backends = self.backends.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(faults::dry_run_fault(&backends, &fault_id, &spec).await);
+                });
             }
             Msg::Shutdown(done) => {
                 let ids: Vec<String> = self.faults.keys().cloned().collect();
@@ -299,6 +344,7 @@ impl<R: ContainerRuntime, C: CommandRunner> Engine<R, C> {
             command_id,
             run_id,
             action,
+            traceparent,
         } = command;
         match action {
             Action::Apply {
@@ -334,20 +380,62 @@ impl<R: ContainerRuntime, C: CommandRunner> Engine<R, C> {
                         end_at: now + spec.duration,
                         lease,
                         lease_deadline: now + lease,
+                        traceparent: traceparent.clone(),
                     },
                 );
                 let backends = self.backends.clone();
                 let journal = self.journal.clone();
                 let tx = self.self_tx.clone();
+                let span = tracing::info_span!(
+                    target: crate::observability::OTEL_TARGET,
+                    "faultline.agent.apply",
+                    faultline.run.id = %run_id,
+                    faultline.fault.id = %fault_id,
+                    faultline.fault.kind = spec.kind.name(),
+                    faultline.target = %spec.target,
+                    faultline.command.id = %command_id,
+                    faultline.target.resolved = tracing::field::Empty,
+                    faultline.verified = tracing::field::Empty,
+                    faultline.error = tracing::field::Empty,
+                );
+                crate::observability::set_parent(&span, &traceparent);
                 tokio::spawn(async move {
                     let ids = FaultIds {
                         fault_id: &fault_id,
                         command_id: &command_id,
                         run_id: &run_id,
                     };
+                    let started = Instant::now();
                     let result = faults::apply_fault(&backends, &journal, ids, &spec)
+                        .instrument(span.clone())
                         .await
                         .map(|applied| Box::new((applied.entry, applied.detail)));
+                    let kind = spec.kind.name();
+                    crate::metrics::REGISTRY.observe(
+                        "faultline_agent_apply_duration_seconds",
+                        &[kind],
+                        started.elapsed().as_secs_f64(),
+                    );
+                    let outcome = if result.is_ok() { "applied" } else { "failed" };
+                    crate::metrics::REGISTRY.add(
+                        "faultline_agent_applies_total",
+                        &[kind, outcome],
+                        1.0,
+                    );
+                    match &result {
+                        Ok(applied) => {
+                            span.record(
+                                "faultline.target.resolved",
+                                applied.0.resolved.to_string().as_str(),
+                            );
+                            span.record("faultline.verified", true);
+                        }
+                        Err(err) => {
+                            span.record("faultline.verified", false);
+                            span.record("faultline.error", err.as_str());
+                        }
+                    }
+                    drop(span);
                     if let Some(tx) = tx.upgrade() {
                         let _ = tx.send(Msg::ApplyDone { fault_id, result }).await;
                     }
@@ -381,6 +469,13 @@ impl<R: ContainerRuntime, C: CommandRunner> Engine<R, C> {
                     }
                 }
             }
+            // The link runs probes itself (crate::probe); they never touch faults.
+            Action::Probe(_)
+            | Action::DryRun { .. }
+            | Action::TelemetrySubscribe(_)
+            | Action::TelemetryUnsubscribe => {
+                tracing::error!(command = %command_id, "probe request sent to the engine; ignored");
+            }
         }
     }
 
@@ -408,12 +503,30 @@ impl<R: ContainerRuntime, C: CommandRunner> Engine<R, C> {
             return;
         };
         fault.phase = Phase::Reverting;
+        let span = tracing::info_span!(
+            target: crate::observability::OTEL_TARGET,
+            "faultline.agent.revert",
+            faultline.run.id = %fault.run_id,
+            faultline.fault.id = %fault_id,
+            faultline.fault.kind = fault.spec.kind.name(),
+            faultline.target = %fault.spec.target,
+            faultline.target.resolved = %entry.resolved,
+            faultline.revert.reason = %why,
+            faultline.error = tracing::field::Empty,
+        );
+        crate::observability::set_parent(&span, &fault.traceparent);
         let backends = self.backends.clone();
         let journal = self.journal.clone();
         let tx = self.self_tx.clone();
         let fault_id = fault_id.to_string();
         tokio::spawn(async move {
-            let result = faults::revert_fault(&backends, &journal, &entry).await;
+            let result = faults::revert_fault(&backends, &journal, &entry)
+                .instrument(span.clone())
+                .await;
+            if let Err(err) = &result {
+                span.record("faultline.error", err.as_str());
+            }
+            drop(span);
             if let Some(tx) = tx.upgrade() {
                 let _ = tx
                     .send(Msg::RevertDone {
@@ -439,6 +552,11 @@ impl<R: ContainerRuntime, C: CommandRunner> Engine<R, C> {
             Ok(applied) => {
                 let (entry, detail) = *applied;
                 let resolved = entry.resolved.to_string();
+                crate::metrics::REGISTRY.add(
+                    "faultline_agent_faults_active",
+                    &[fault.spec.kind.name()],
+                    1.0,
+                );
                 fault.entry = Some(entry);
                 fault.end_at = Instant::now() + fault.spec.duration;
                 let pending = match &fault.phase {
@@ -484,6 +602,12 @@ impl<R: ContainerRuntime, C: CommandRunner> Engine<R, C> {
             .unwrap_or_default();
         match result {
             Ok(detail) => {
+                crate::metrics::REGISTRY.add(
+                    "faultline_agent_faults_active",
+                    &[fault.spec.kind.name()],
+                    -1.0,
+                );
+                crate::metrics::REGISTRY.add("faultline_agent_reverts_total", &[why.as_str()], 1.0);
                 self.faults.remove(&fault_id);
                 let mut r = report(pb::ReportKind::Reverted, &command_id, &fault_id, &run_id);
                 r.detail = detail;
@@ -492,6 +616,7 @@ impl<R: ContainerRuntime, C: CommandRunner> Engine<R, C> {
                 self.send_report(r).await;
             }
             Err(detail) => {
+                crate::metrics::REGISTRY.add("faultline_agent_revert_failures_total", &[], 1.0);
                 let attempts = match &fault.phase {
                     Phase::RetryRevert { attempts, .. } => attempts + 1,
                     _ => 1,
@@ -569,6 +694,7 @@ mod tests {
                 },
                 lease,
             },
+            traceparent: String::new(),
         }
     }
 
@@ -643,6 +769,7 @@ mod tests {
                     fault_ids: vec!["f".into()],
                     lease,
                 },
+                traceparent: String::new(),
             };
             engine.command(renew).await;
         }
@@ -797,6 +924,7 @@ mod tests {
                 fault_id: "nope".into(),
                 reason: "halt".into(),
             },
+            traceparent: String::new(),
         };
         engine.command(unknown).await;
         let noop = next(&mut rx).await;
@@ -827,6 +955,7 @@ mod tests {
                 fault_id: "f".into(),
                 reason: "halt".into(),
             },
+            traceparent: String::new(),
         };
         engine.command(revert).await;
         let reverted = next(&mut rx).await;

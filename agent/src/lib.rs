@@ -4,7 +4,9 @@
 //!
 //! Layout: [`link`] is the network edge; [`verify`] turns signed bytes into commands or
 //! refusals; [`engine`] is the one actor owning faults in force; [`journal`] and [`ledger`]
-//! are its durable memory; [`runtime`] is the seam to the container engine.
+//! are its durable memory; [`runtime`] is the seam to the container engine; [`probe`] runs the
+//! coordinator's `command` steady-state probes, beside the engine; [`telemetry`] streams kernel
+//! evidence (eBPF, else `/proc` and cgroup figures) about a run's targets while it lasts.
 
 pub mod cgroup;
 pub mod clock;
@@ -14,12 +16,16 @@ pub mod host;
 pub mod journal;
 pub mod ledger;
 pub mod link;
+pub mod metrics;
 pub mod net;
+pub mod observability;
 pub mod preflight;
+pub mod probe;
 pub mod process;
 pub mod runtime;
 pub mod stress;
 pub mod sys;
+pub mod telemetry;
 pub mod verification;
 pub mod verify;
 pub mod wire;
@@ -110,14 +116,24 @@ pub async fn run(
     };
     // The engine starts first: it reverts journaled faults even while the coordinator is away.
     let engine = EngineHandle::spawn(backends, journal, reports_tx);
+    let telemetry = telemetry::start_for_agent(Arc::clone(&runtime), channel.clone()).await;
+    let mut capabilities = caps.capabilities();
+    if let Some(telemetry) = &telemetry {
+        capabilities.extend(preflight::telemetry_capabilities(
+            &telemetry.load_report().sources,
+        ));
+    }
     let registration = Registration {
         name: config.name.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         host: host::facts(),
-        capabilities: caps.capabilities(),
+        capabilities,
     };
     let verifier = Verifier::new(key, config.name.clone(), ledger);
-    let link = Link::new(channel, registration, verifier, engine.clone(), reports_rx);
+    let mut link = Link::new(channel, registration, verifier, engine.clone(), reports_rx);
+    if let Some(telemetry) = telemetry {
+        link = link.with_telemetry(telemetry);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let link_task = tokio::spawn(link.run(stop_rx));
 

@@ -2,6 +2,14 @@
 //! reports, receives signed commands, verifies them and hands them to the engine. Reconnects
 //! with capped, jittered backoff. Reports produced while disconnected are kept (bounded) and
 //! sent after reconnecting.
+//!
+//! Verified probe requests do not go to the engine: each runs in a task of its own
+//! ([`ProbeExecutor`]), so a slow probe never delays a fault or a revert, and its result goes
+//! back on the session that asked for it (a result for a lost session is dropped: the
+//! coordinator has stopped waiting for it).
+//!
+//! Verified telemetry subscriptions go to the telemetry service ([`TelemetryHandle`]), which
+//! streams on a gRPC stream of its own.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -13,7 +21,9 @@ use tonic::transport::Channel;
 
 use crate::clock::now_ms;
 use crate::engine::EngineHandle;
-use crate::verify::Verifier;
+use crate::probe::ProbeExecutor;
+use crate::telemetry::TelemetryHandle;
+use crate::verify::{Action, Verifier};
 
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 const BACKOFF_START: Duration = Duration::from_millis(200);
@@ -40,6 +50,8 @@ pub struct Link {
     pub reports: mpsc::Receiver<pb::CommandReport>,
     pending: VecDeque<pb::CommandReport>,
     dropped_reports: u64,
+    probes: ProbeExecutor,
+    telemetry: Option<TelemetryHandle>,
 }
 
 enum SessionEnd {
@@ -63,7 +75,15 @@ impl Link {
             reports,
             pending: VecDeque::new(),
             dropped_reports: 0,
+            probes: ProbeExecutor::default(),
+            telemetry: None,
         }
+    }
+
+    /// Hands telemetry subscriptions to `telemetry` (without it they are logged and ignored).
+    pub fn with_telemetry(mut self, telemetry: TelemetryHandle) -> Self {
+        self.telemetry = Some(telemetry);
+        self
     }
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
@@ -201,7 +221,32 @@ impl Link {
             }
             pb::coordinator_message::Body::Command(signed) => {
                 match self.verifier.verify(&signed, now_ms()) {
-                    Ok(command) => self.engine.command(command).await,
+                    Ok(command) => match &command.action {
+                        Action::Probe(request) => {
+                            self.start_probe(command.command_id.clone(), request.clone(), tx);
+                        }
+                        Action::DryRun { fault_id, spec } => {
+                            self.start_dry_run(
+                                command.command_id.clone(),
+                                fault_id.clone(),
+                                spec.clone(),
+                                tx,
+                            );
+                        }
+                        Action::TelemetrySubscribe(subscription) => match &self.telemetry {
+                            Some(telemetry) => {
+                                telemetry.subscribe(command.run_id.clone(), subscription.clone());
+                            }
+                            None => tracing::warn!(run = %command.run_id,
+                                "telemetry subscription ignored: no telemetry service"),
+                        },
+                        Action::TelemetryUnsubscribe => {
+                            if let Some(telemetry) = &self.telemetry {
+                                telemetry.unsubscribe(&command.run_id);
+                            }
+                        }
+                        _ => self.engine.command(command).await,
+                    },
                     Err(refused) => {
                         tracing::warn!(command = %refused.command_id, "refused command: {}",
                             refused.refusal);
@@ -226,6 +271,67 @@ impl Link {
                 }
             }
         }
+    }
+}
+
+impl Link {
+    /// Has the engine resolve and prepare a fault without applying it, in a task of its own,
+    /// and sends what it would do on `tx`.
+    fn start_dry_run(
+        &self,
+        request_id: String,
+        fault_id: String,
+        spec: faultline_domain::fault::FaultSpec,
+        tx: &mpsc::Sender<pb::AgentMessage>,
+    ) {
+        let engine = self.engine.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut result = pb::DryRunResult {
+                request_id,
+                fault_id: fault_id.clone(),
+                ..Default::default()
+            };
+            match engine.dry_run(fault_id, spec).await {
+                Ok(dry_run) => {
+                    result.resolved = dry_run.resolved;
+                    result.mechanism = dry_run.mechanism;
+                    result.actions = dry_run.actions;
+                }
+                Err(error) => result.error = error,
+            }
+            let body = pb::agent_message::Body::DryRunResult(result);
+            if tx
+                .send(pb::AgentMessage { body: Some(body) })
+                .await
+                .is_err()
+            {
+                tracing::debug!("session gone; dry-run result dropped");
+            }
+        });
+    }
+
+    /// Runs a verified probe request in a task of its own and sends its result on `tx`.
+    fn start_probe(
+        &self,
+        request_id: String,
+        request: crate::probe::ProbeRequest,
+        tx: &mpsc::Sender<pb::AgentMessage>,
+    ) {
+        tracing::debug!(request = %request_id, argv = ?request.argv, "running probe");
+        let probes = self.probes.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let result = probes.run(request_id, &request).await;
+            let body = pb::agent_message::Body::ProbeResult(result);
+            if tx
+                .send(pb::AgentMessage { body: Some(body) })
+                .await
+                .is_err()
+            {
+                tracing::debug!("session gone; probe result dropped");
+            }
+        });
     }
 }
 

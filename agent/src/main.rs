@@ -26,6 +26,15 @@ struct Args {
         default_value = "/var/lib/faultline-agent"
     )]
     state_dir: PathBuf,
+    /// Plain-HTTP listener for Prometheus (`GET /metrics`); `off` disables it, port 0 picks a
+    /// free port (logged as `metrics listening on http://ADDR/metrics`). No authentication:
+    /// keep it on loopback or a trusted network.
+    #[arg(
+        long,
+        env = "FAULTLINE_METRICS_LISTEN",
+        default_value = "127.0.0.1:9465"
+    )]
+    metrics_listen: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,21 +55,24 @@ fn main() -> std::process::ExitCode {
 
 #[tokio::main]
 async fn agent_main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,h2=warn,tower=warn,hyper=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let tracing_guard = faultline_agent::observability::init_tracing(
+        "faultline-agent",
+        "info,h2=warn,tower=warn,hyper=warn",
+        &args.name,
+    );
+    faultline_agent::metrics::preset();
+    faultline_agent::metrics::start(&faultline_agent::metrics::REGISTRY, &args.metrics_listen)
+        .await;
     let config = AgentConfig {
         coordinator: args.coordinator,
         name: args.name,
         certs: args.certs,
         state_dir: args.state_dir,
     };
-    run(config, shutdown_signal()).await.context("agent failed")
+    let ran = run(config, shutdown_signal()).await.context("agent failed");
+    tracing_guard.shutdown();
+    ran
 }
 
 async fn shutdown_signal() {

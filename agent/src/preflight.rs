@@ -219,9 +219,78 @@ pub fn probe_bpf(sys: &Path) -> Vec<(String, bool, String)> {
     ]
 }
 
+/// Capabilities `bpf:<group>` saying how each telemetry group is collected on this host, as
+/// loading the programs at start-up found: `bpf` (available; the programs attached), `fallback`
+/// (available; what stands in and why the programs did not load) or nothing (why).
+pub fn telemetry_capabilities(sources: &[pb::TelemetrySource]) -> Vec<pb::Capability> {
+    sources
+        .iter()
+        .map(|source| {
+            let available = source.mechanism == "bpf" || source.mechanism == "fallback";
+            let (mechanism, detail) = match source.mechanism.as_str() {
+                "bpf" => (format!("bpf: {}", source.detail), String::new()),
+                "fallback" => match source.detail.split_once("; programs not loaded: ") {
+                    Some((what, why)) => (
+                        format!("fallback: {what}"),
+                        format!("programs not loaded: {why}"),
+                    ),
+                    None => ("fallback".to_string(), source.detail.clone()),
+                },
+                _ => (String::new(), source.detail.clone()),
+            };
+            pb::Capability {
+                name: format!("bpf:{}", source.group),
+                available,
+                mechanism,
+                detail,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn telemetry_groups_become_capabilities() {
+        let source = |group: &str, mechanism: &str, detail: &str| pb::TelemetrySource {
+            group: group.into(),
+            mechanism: mechanism.into(),
+            detail: detail.into(),
+        };
+        let caps = telemetry_capabilities(&[
+            source(
+                "tcp",
+                "bpf",
+                "tp_btf/inet_sock_set_state; cgroups: cgroup v1 memory",
+            ),
+            source(
+                "sched",
+                "fallback",
+                "cpu.stat of the target's cgroup; programs not loaded: no BTF",
+            ),
+            source(
+                "proc",
+                "none",
+                "programs not loaded (no BTF) and nothing stands in",
+            ),
+        ]);
+        assert_eq!(caps[0].name, "bpf:tcp");
+        assert!(caps[0].available);
+        assert_eq!(
+            caps[0].mechanism,
+            "bpf: tp_btf/inet_sock_set_state; cgroups: cgroup v1 memory"
+        );
+        assert!(caps[1].available);
+        assert_eq!(
+            caps[1].mechanism,
+            "fallback: cpu.stat of the target's cgroup"
+        );
+        assert_eq!(caps[1].detail, "programs not loaded: no BTF");
+        assert!(!caps[2].available);
+        assert!(caps[2].detail.contains("nothing stands in"));
+    }
 
     #[test]
     fn bpf_indicators_follow_sysfs() {

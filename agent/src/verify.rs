@@ -32,6 +32,17 @@ pub enum Action {
         fault_ids: Vec<String>,
         lease: Duration,
     },
+    /// Run a `command` steady-state probe (the link runs it, not the engine).
+    Probe(crate::probe::ProbeRequest),
+    /// Resolve and prepare a fault, report what it would do, change nothing.
+    DryRun {
+        fault_id: String,
+        spec: FaultSpec,
+    },
+    /// Stream telemetry about the run's targets (the telemetry service does, not the engine).
+    TelemetrySubscribe(crate::telemetry::Subscription),
+    /// Stop the run's telemetry.
+    TelemetryUnsubscribe,
 }
 
 /// A command that passed every check.
@@ -40,6 +51,8 @@ pub struct VerifiedCommand {
     pub command_id: String,
     pub run_id: String,
     pub action: Action,
+    /// W3C traceparent of the coordinator's span (empty when traces are off).
+    pub traceparent: String,
 }
 
 /// A refused command, with whatever identifiers could be read from it for the report.
@@ -111,6 +124,7 @@ impl Verifier {
             command_id: decoded.command_id,
             run_id: decoded.run_id,
             action,
+            traceparent: decoded.traceparent,
         })
     }
 }
@@ -180,6 +194,39 @@ pub fn action_from_wire(command: &pb::Command) -> Result<Action, Refusal> {
             fault_ids: renew.fault_ids.clone(),
             lease: lease_from_ms(id, renew.lease_ms)?,
         }),
+        Some(pb::command::Action::Probe(probe)) => {
+            Ok(Action::Probe(crate::wire::probe_from_wire(probe)))
+        }
+        Some(pb::command::Action::DryRun(dry_run)) => {
+            if dry_run.fault_id.is_empty() {
+                return Err(invalid("empty fault id".into()));
+            }
+            let duration = Duration::from_millis(dry_run.duration_ms);
+            if duration.is_zero() || duration > MAX_FAULT_DURATION {
+                return Err(invalid(format!(
+                    "duration {} ms out of range",
+                    dry_run.duration_ms
+                )));
+            }
+            let fault = dry_run
+                .fault
+                .as_ref()
+                .ok_or_else(|| invalid("no fault".into()))?;
+            let spec = crate::wire::fault_from_wire(fault, duration).map_err(invalid)?;
+            Ok(Action::DryRun {
+                fault_id: dry_run.fault_id.clone(),
+                spec,
+            })
+        }
+        Some(pb::command::Action::TelemetrySubscribe(subscribe)) => {
+            if command.run_id.is_empty() {
+                return Err(invalid("telemetry subscription without a run id".into()));
+            }
+            crate::telemetry::subscription_from_wire(subscribe)
+                .map(Action::TelemetrySubscribe)
+                .map_err(invalid)
+        }
+        Some(pb::command::Action::TelemetryUnsubscribe(_)) => Ok(Action::TelemetryUnsubscribe),
     }
 }
 

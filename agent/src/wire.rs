@@ -1,4 +1,4 @@
-//! Wire -> domain conversion of the faults the coordinator sends.
+//! Wire -> domain conversion of the faults (and probe requests) the coordinator sends.
 //!
 //! The inverse of the coordinator's `fault_to_wire`, and a gate: what comes out passes
 //! [`check_spec`], the same rules a plan is held to, so a buggy or forged-but-signed
@@ -40,6 +40,15 @@ pub fn fault_from_wire(fault: &pb::Fault, duration: Duration) -> Result<FaultSpe
     Ok(spec)
 }
 
+/// The wire form of a probe request, as is: [`crate::probe::prepare`] checks it before anything
+/// runs, and its refusals travel back in the probe's result.
+pub fn probe_from_wire(probe: &pb::ProbeRequest) -> crate::probe::ProbeRequest {
+    crate::probe::ProbeRequest {
+        argv: probe.argv.clone(),
+        timeout: Duration::from_millis(probe.timeout_ms),
+    }
+}
+
 /// A non-empty string, or a refusal naming `what`.
 fn text(value: &str, what: &str) -> Result<String, String> {
     if value.is_empty() {
@@ -54,7 +63,8 @@ fn optional_text(value: Option<&String>, what: &str) -> Result<Option<String>, S
     value.map(|value| text(value, what)).transpose()
 }
 
-fn target_from_wire(selector: &pb::target::Selector) -> Result<TargetSelector, String> {
+/// A wire target selector as a domain one (also used for telemetry subscriptions).
+pub fn target_from_wire(selector: &pb::target::Selector) -> Result<TargetSelector, String> {
     use pb::target::Selector;
 
     Ok(match selector {

@@ -8,15 +8,18 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use faultline_domain::plan::{parse_plan, render_errors};
+use faultline_domain::plan::{ExpandedPlan, PlanError, PlanInputs, parse_plan_with, render_errors};
 use faultline_proto::v1 as pb;
 use faultline_tls::identity::Role;
 use faultline_tls::layout::CertDir;
 use serde_json::json;
 
 mod demo;
+mod dry_run;
+mod follow;
 mod preflight;
 mod report;
+mod telemetry;
 
 /// Faultline: chaos experiments across a fleet, with faults that are always reverted.
 #[derive(Debug, Parser)]
@@ -86,6 +89,13 @@ enum Command {
         /// Stream the run's progress until it ends; exit non-zero unless it completed.
         #[arg(long)]
         follow: bool,
+        /// Check everything a run would check and show, per agent, the exact actions each
+        /// fault would take (resolved targets, commands, cgroup writes); apply nothing.
+        #[arg(long, conflicts_with = "follow")]
+        dry_run: bool,
+        /// Set a plan variable (`${NAME}`), overriding its `vars:` default; repeatable.
+        #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_var)]
+        vars: Vec<(String, String)>,
     },
     /// Past and current runs.
     #[command(subcommand)]
@@ -128,6 +138,17 @@ enum Command {
         /// Write the report to this file instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// A run's kernel telemetry per target and second: TCP retransmits/s, connect failures by
+    /// errno, run-queue p95, OOM kills and process exits (eBPF, or /proc and cgroup fallbacks).
+    Telemetry {
+        /// Run id.
+        id: String,
+        /// Keep printing as the run goes on, until it ends.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// The coordinator's audit log.
     Audit {
@@ -194,6 +215,9 @@ enum PlanCommand {
     Validate {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Set a plan variable (`${NAME}`), overriding its `vars:` default; repeatable.
+        #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_var)]
+        vars: Vec<(String, String)>,
     },
 }
 
@@ -283,7 +307,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("Give the agent host ca.pem, agent-{name}.pem/.key and command-signing.pub.");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plan(PlanCommand::Validate { files }) => Ok(validate_files(&files)),
+        Command::Plan(PlanCommand::Validate { files, vars }) => Ok(validate_files(&files, &vars)),
         Command::Agents(AgentsCommand::List(output)) => {
             let mut client = client(&cli.coordinator, &cli.certs)?;
             let agents = client
@@ -294,11 +318,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print_agents(&agents, output.output);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { file, follow } => {
+        Command::Run {
+            file,
+            follow,
+            dry_run,
+            vars,
+        } => {
             let yaml = read_plan(&file)?;
             let source = file.display().to_string();
-            let plan = match parse_plan(&yaml) {
-                Ok(plan) => plan,
+            // The coordinator gets the plan with its variables and includes resolved.
+            let (plan, yaml) = match expand_plan(&file, &yaml, &vars) {
+                Ok(ExpandedPlan { plan, text }) => (plan, text),
                 Err(errors) => {
                     eprint!("{}", render_errors(&source, &errors));
                     eprintln!("plan is invalid; nothing was sent");
@@ -310,13 +340,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 source_name: source,
                 plan_yaml: yaml,
             };
+            if dry_run {
+                let answer = client.dry_run(request).await?.into_inner();
+                print!("{}", dry_run::render(&answer));
+                return Ok(dry_run::exit_code(&answer));
+            }
             let run_id = client.start_run(request).await?.into_inner().run_id;
             println!("run {run_id} started: {}", plan.title);
             if !follow {
                 println!("follow it with: faultline runs show {run_id}");
                 return Ok(ExitCode::SUCCESS);
             }
-            follow_run(&mut client, &run_id).await
+            follow_run(&mut client, &run_id, Some(plan)).await
         }
         Command::Runs(RunsCommand::List { limit, output }) => {
             let mut client = client(&cli.coordinator, &cli.certs)?;
@@ -398,6 +433,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Telemetry { id, follow, output } => {
+            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let json = matches!(output.output, Output::Json);
+            telemetry::run(&mut client, &id, follow, json).await
+        }
         Command::Audit { limit, output } => {
             let mut client = client(&cli.coordinator, &cli.certs)?;
             let entries = client
@@ -442,8 +482,44 @@ fn read_plan(file: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(file).with_context(|| format!("reading plan {}", file.display()))
 }
 
+/// `NAME=VALUE` of `--var`.
+fn parse_var(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got {text:?}")),
+    }
+}
+
+/// Largest included file read.
+const MAX_INCLUDE_BYTES: u64 = 1 << 20;
+
+/// Parses the plan `yaml` read from `file` with `vars`, reading its includes from files next
+/// to it (the domain hands over paths that are relative and stay inside that directory).
+fn expand_plan(
+    file: &Path,
+    yaml: &str,
+    vars: &[(String, String)],
+) -> Result<ExpandedPlan, Vec<PlanError>> {
+    let dir = file.parent().unwrap_or(Path::new("")).to_path_buf();
+    let read = move |relative: &str| -> Result<String, String> {
+        let path = dir.join(relative);
+        let size = std::fs::metadata(&path)
+            .map_err(|err| err.to_string())?
+            .len();
+        if size > MAX_INCLUDE_BYTES {
+            return Err(format!("{size} bytes, more than {MAX_INCLUDE_BYTES}"));
+        }
+        std::fs::read_to_string(&path).map_err(|err| err.to_string())
+    };
+    let inputs = PlanInputs {
+        vars,
+        include: Some(&read),
+    };
+    parse_plan_with(yaml, &inputs)
+}
+
 /// Validates each file locally; prints located errors. Exit 0 only if all are valid.
-fn validate_files(files: &[PathBuf]) -> ExitCode {
+fn validate_files(files: &[PathBuf], vars: &[(String, String)]) -> ExitCode {
     let mut all_valid = true;
     for file in files {
         let source = file.display().to_string();
@@ -452,7 +528,7 @@ fn validate_files(files: &[PathBuf]) -> ExitCode {
                 all_valid = false;
                 eprintln!("{source}: {err:#}");
             }
-            Ok(yaml) => match parse_plan(&yaml) {
+            Ok(yaml) => match expand_plan(file, &yaml, vars).map(|expanded| expanded.plan) {
                 Ok(plan) => println!(
                     "{source}: valid: {} ({} stage(s), {} fault(s) on {})",
                     plan.title,
@@ -474,30 +550,120 @@ fn validate_files(files: &[PathBuf]) -> ExitCode {
     }
 }
 
-async fn follow_run(client: &mut OperatorClient, run_id: &str) -> anyhow::Result<ExitCode> {
+async fn follow_run(
+    client: &mut OperatorClient,
+    run_id: &str,
+    plan: Option<faultline_domain::plan::Plan>,
+) -> anyhow::Result<ExitCode> {
     let mut stream = client
         .watch_run(pb::WatchRunRequest {
             run_id: run_id.to_string(),
         })
         .await?
         .into_inner();
-    let mut final_state = String::new();
-    while let Some(event) = stream.message().await? {
-        println!("{}", format_event(&event));
-        if !event.final_state.is_empty() {
-            final_state = event.final_state.clone();
-            break;
+    let probing = plan.as_ref().is_some_and(|p| p.steady_state.is_some());
+    let mut view = follow::Follow::new(plan);
+    // Drawn on stderr only when it is a terminal; hidden (and silent) otherwise.
+    let bar = indicatif::ProgressBar::new(
+        view.expected()
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template("[{bar:30}] {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let mut redraw = tokio::time::interval(Duration::from_millis(250));
+    redraw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The latest probe readings come from the stored samples; only worth asking for when
+    // the plan has probes and someone sees the bar.
+    let mut readings = tokio::time::interval(Duration::from_secs(2));
+    readings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let poll_probes = probing && !bar.is_hidden();
+    let mut reader = client.clone();
+    loop {
+        tokio::select! {
+            message = stream.message() => {
+                let Some(event) = message? else { break };
+                view.observe(&event);
+                let line = format_event(&event);
+                if bar.is_hidden() {
+                    println!("{line}");
+                } else {
+                    bar.println(line);
+                }
+                if view.finished().is_some() {
+                    break;
+                }
+            }
+            _ = readings.tick(), if poll_probes => {
+                let request = pb::GetRunRequest { run_id: run_id.to_string() };
+                if let Ok(detail) = reader.get_run(request).await {
+                    for (probe, reading) in latest_readings(&detail.into_inner()) {
+                        view.set_probe(&probe, reading);
+                    }
+                }
+            }
+            _ = redraw.tick() => {
+                let status = view.status(now_unix_ms());
+                bar.set_position(status.elapsed_ms.min(bar.length().unwrap_or(0)));
+                let clock = match status.expected_ms {
+                    Some(expected) => format!(
+                        "{} / ~{}",
+                        fmt_clock(status.elapsed_ms),
+                        fmt_clock(expected)
+                    ),
+                    None => fmt_clock(status.elapsed_ms),
+                };
+                bar.set_message(format!("{clock} {}", status.line));
+            }
         }
     }
-    if final_state.is_empty() {
+    bar.finish_and_clear();
+    let Some(final_state) = view.finished().map(str::to_string) else {
         bail!("the coordinator closed the stream before run {run_id} ended");
-    }
+    };
     println!("run {run_id}: {final_state}");
     Ok(if final_state == "completed" {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Each probe's latest sample as `ok 3ms`, `ok 42` (a value) or `FAIL why`.
+fn latest_readings(detail: &pb::RunDetail) -> Vec<(String, String)> {
+    let mut latest: std::collections::BTreeMap<&str, &pb::ProbeSampleRecord> =
+        std::collections::BTreeMap::new();
+    for sample in &detail.probe_samples {
+        latest.insert(&sample.probe, sample);
+    }
+    latest
+        .into_iter()
+        .map(|(probe, sample)| {
+            let reading = if !sample.ok {
+                let why: String = sample.detail.chars().take(40).collect();
+                format!("FAIL {why}")
+            } else if let Some(value) = sample.value {
+                format!("ok {value}")
+            } else if let Some(latency) = sample.latency_ms {
+                format!("ok {latency:.0}ms")
+            } else {
+                "ok".to_string()
+            };
+            (probe.to_string(), reading)
+        })
+        .collect()
+}
+
+/// `mm:ss` of a millisecond count.
+fn fmt_clock(ms: u64) -> String {
+    let seconds = ms / 1000;
+    format!("{:02}:{:02}", seconds / 60, seconds % 60)
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn timestamp(ms: i64) -> String {

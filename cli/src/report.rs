@@ -1,27 +1,43 @@
 //! `faultline report RUN`: what a run did, computed on this side from the Operator service's
-//! `GetRun` answer (summary, stored plan, events) and rendered as text, Markdown, JSON or a
-//! self-contained HTML page.
+//! `GetRun` answer (summary, stored plan, events, probe samples) and rendered as text,
+//! Markdown, JSON or a self-contained HTML page.
 //!
-//! The report holds only what runs record today: the run's state, its timeline, each fault's
-//! mechanism, verification, time in force and revert latency, and the halt. Steady-state probes
-//! do not exist yet, so `probes` is empty, `verdict` says the hypothesis was not evaluated, and
-//! the probe-derived figures (failure detection, recovery) are `null`; nothing is estimated.
-//! The JSON form is described by `docs/report.schema.json`.
+//! The report holds what runs record: the run's state, its timeline, each fault's mechanism,
+//! verification, time in force and revert latency, the halt, and the steady-state probes'
+//! samples. The samples are split into three phases found from the events ([`Phases`]):
+//! *baseline* (run started -> steady-state check), *during* (first fault applied -> last fault
+//! reverted) and *after* (last revert -> recovery check); each probe gets its statistics per
+//! phase (count, errors, percentiles, throughput, values; [`faultline_domain::probe::summarize`])
+//! and the changes against the baseline. Failure detection time is the first failed sample at
+//! or after the first fault was applied (while the faults were in force) minus that fault's
+//! applied time; recovery time is the last revert to the first sample from which every probe
+//! stayed ok to the end of the run. Figures that cannot be worked out are `null` with a note
+//! saying why; nothing is estimated. The JSON form is described by `docs/report.schema.json`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use faultline_domain::duration::parse_duration;
-use faultline_domain::plan::{Plan, parse_plan};
+use faultline_domain::plan::{Plan, format_rate, parse_plan};
+use faultline_domain::probe::{ProbeKind, ProbeSample, ProbeStats, Window, summarize};
 use faultline_proto::v1 as pb;
 use serde::Serialize;
 
 /// Version of the report's JSON shape; `docs/report.schema.json` pins it.
-pub const REPORT_VERSION: u32 = 1;
+pub const REPORT_VERSION: u32 = 2;
 
-/// The verdict while a run has no hypothesis probes to judge it by.
+/// The verdict of a run that was not (or could not be) judged.
 pub const NOT_EVALUATED: &str = "not evaluated (no hypothesis probes)";
+/// The hypothesis held: the run completed and its recovery check found the system steady.
+pub const CONFIRMED: &str = "confirmed";
+/// The hypothesis did not hold: a stop condition fired or the recovery check found the
+/// system not steady.
+pub const REFUTED: &str = "refuted";
+
+/// Most samples drawn one by one in a probe's chart; more are drawn as one point per pixel
+/// column (the column's highest latency, and a failure mark if any sample there failed).
+const CHART_MAX_POINTS: usize = 1500;
 
 /// A point in the run: milliseconds since the run started (`run-started`), and absolute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -41,24 +57,50 @@ pub struct Report {
     pub run: RunInfo,
     /// The plan's hypothesis text, if it states one.
     pub hypothesis: Option<String>,
-    /// "confirmed", "refuted", or [`NOT_EVALUATED`] (always, until probes exist).
+    /// [`CONFIRMED`], [`REFUTED`] or [`NOT_EVALUATED`]; see `verdict`.
     pub verdict: String,
+    /// The hypothesis's measurable tolerances, each judged over the faults' window; empty when
+    /// the plan states none or no fault was in force.
+    pub tolerances: Vec<ToleranceReport>,
     pub totals: Totals,
     pub stages: Vec<StageReport>,
     pub faults: Vec<FaultReport>,
     /// The halt that stopped this run, if one did.
     pub halt: Option<HaltReport>,
-    /// Steady-state probes: none are recorded yet, so always empty.
+    /// The run's phases, as the probes' statistics use them.
+    pub phases: Phases,
+    /// Steady-state probes, in plan order; empty when the plan has none.
     pub probes: Vec<ProbeReport>,
-    /// Fault applied -> a probe sees the failure. Needs probes: `null`.
+    /// First fault applied -> the first failed probe sample while faults were in force;
+    /// `null` without probes, without an applied fault, or when no probe failed.
     pub failure_detection_ms: Option<i64>,
-    /// Fault reverted -> steady state back. Needs probes: `null`.
+    /// Last fault reverted -> the first sample from which every probe stayed ok to the end of
+    /// the run; `null` without probes or reverts, or when a probe never recovered.
     pub recovery_ms: Option<i64>,
-    /// Host telemetry (eBPF); not collected yet: `null`.
-    pub telemetry: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The "eBPF insights": kernel evidence of what the faults did to their targets, judged in
+    /// the same phases as the probes; `null` when no agent sent telemetry.
+    pub telemetry: Option<crate::telemetry::Insights>,
     pub timeline: Vec<TimelineEntry>,
     /// What the report could not work out, and why.
     pub notes: Vec<String>,
+}
+
+/// One tolerance of the hypothesis, judged over the faults' window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToleranceReport {
+    pub probe: String,
+    /// `error_rate`, `p50`, `p95`, `p99` or `value`.
+    pub metric: String,
+    /// `p95 latency at most 300ms`.
+    pub what: String,
+    /// The figure seen, for a person; `null` when the window had nothing to measure.
+    pub observed: Option<String>,
+    /// The figure seen in the metric's unit (a fraction for error rates, milliseconds for
+    /// latencies).
+    pub observed_value: Option<f64>,
+    pub held: bool,
+    /// `api p95 latency 120ms, at most 300ms: held`.
+    pub summary: String,
 }
 
 /// The run itself.
@@ -240,35 +282,154 @@ impl HaltReport {
     }
 }
 
-/// Latency, errors and throughput of a probe over one window. All `null` without samples.
+/// A phase of the run: `start` to `end`, the end excluded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PhaseSpan {
+    pub start: Moment,
+    pub end: Moment,
+    pub duration_ms: i64,
+}
+
+impl PhaseSpan {
+    fn window(&self) -> Window {
+        Window::new(self.start.unix_ms, self.end.unix_ms)
+    }
+}
+
+/// The phases the probes' samples are judged in; `null` when the run has no such phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Phases {
+    /// `run-started` -> the `steady-state-check` (else -> the first stage, else -> the end).
+    pub baseline: Option<PhaseSpan>,
+    /// First fault applied -> last fault reverted (-> the run's end when a revert is missing);
+    /// without an applied fault, the first `stage-started` -> the run's end.
+    pub during: Option<PhaseSpan>,
+    /// Last fault reverted -> the `recovery-check` (else -> the run's end).
+    pub after: Option<PhaseSpan>,
+}
+
+/// A probe's figures over one phase; the figures are `null` without samples.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-#[cfg_attr(not(test), allow(dead_code))] // provisional shape: probes are not recorded yet
 pub struct ProbeWindow {
-    pub samples: Option<u64>,
+    pub samples: u64,
+    pub errors: u64,
+    /// Failed / all, 0..=1.
+    pub error_rate: Option<f64>,
+    /// Nearest-rank latency percentiles (milliseconds, to the microsecond).
     pub p50_ms: Option<f64>,
     pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
-    /// Failed / all, 0..=1.
-    pub error_rate: Option<f64>,
-    /// Requests per second.
-    pub throughput_rps: Option<f64>,
+    /// Successful samples per second of the phase.
+    pub throughput_per_sec: Option<f64>,
+    /// Over the samples with a value (Prometheus probes).
+    pub value_min: Option<f64>,
+    pub value_mean: Option<f64>,
+    pub value_max: Option<f64>,
 }
 
-/// A steady-state probe: baseline vs during the faults vs after. Provisional: no run records
-/// probes yet, so reports carry none.
+impl ProbeWindow {
+    fn empty() -> Self {
+        ProbeWindow {
+            samples: 0,
+            errors: 0,
+            error_rate: None,
+            p50_ms: None,
+            p95_ms: None,
+            p99_ms: None,
+            throughput_per_sec: None,
+            value_min: None,
+            value_mean: None,
+            value_max: None,
+        }
+    }
+
+    fn of(stats: &ProbeStats) -> Self {
+        let ms = |d: Option<Duration>| d.map(duration_ms);
+        ProbeWindow {
+            samples: stats.count as u64,
+            errors: stats.errors as u64,
+            error_rate: stats.error_rate.map(|r| round_to(r, 6)),
+            p50_ms: ms(stats.latency_p50),
+            p95_ms: ms(stats.latency_p95),
+            p99_ms: ms(stats.latency_p99),
+            throughput_per_sec: stats.throughput_per_sec.map(|t| round_to(t, 3)),
+            value_min: stats.value_min,
+            value_mean: stats.value_mean.map(|v| round_to(v, 6)),
+            value_max: stats.value_max,
+        }
+    }
+}
+
+/// How a later phase compares with the baseline; `null` when either side has no figure.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-#[cfg_attr(not(test), allow(dead_code))]
+pub struct ProbeDelta {
+    /// Error rate change in percentage points: 0% -> 40% is `40.0`.
+    pub error_rate_pp: Option<f64>,
+    /// p95 latency change in milliseconds.
+    pub p95_ms: Option<f64>,
+}
+
+impl ProbeDelta {
+    fn between(baseline: &ProbeWindow, other: &ProbeWindow) -> Self {
+        let diff = |a: Option<f64>, b: Option<f64>, scale: f64| {
+            a.zip(b).map(|(a, b)| round_to((b - a) * scale, 3))
+        };
+        ProbeDelta {
+            error_rate_pp: diff(baseline.error_rate, other.error_rate, 100.0),
+            p95_ms: diff(baseline.p95_ms, other.p95_ms, 1.0),
+        }
+    }
+}
+
+/// One failed sample.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProbeFailure {
+    pub at: Moment,
+    /// What the probe saw; `null` when the coordinator left it out.
+    pub detail: Option<String>,
+}
+
+/// One sample, for plots.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProbePoint {
+    /// Milliseconds since the run started.
+    pub offset_ms: i64,
+    pub ok: bool,
+    pub latency_ms: Option<f64>,
+    pub value: Option<f64>,
+    /// Why it failed (failed samples only, when known).
+    pub detail: Option<String>,
+}
+
+/// A steady-state probe: its figures before, during and after the faults.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProbeReport {
     pub name: String,
+    /// http, tcp, command or prometheus; `null` for a probe the plan does not describe.
+    pub kind: Option<String>,
+    /// What it checks: the URL, address, command or query.
+    pub target: Option<String>,
+    pub interval_ms: Option<u64>,
+    /// Every sample of the run.
+    pub total: ProbeWindow,
     pub baseline: ProbeWindow,
     pub during: ProbeWindow,
     pub after: ProbeWindow,
-    /// First fault applied -> the probe saw it.
+    pub during_vs_baseline: ProbeDelta,
+    pub after_vs_baseline: ProbeDelta,
+    /// The run's first failed sample of this probe, in any phase.
+    pub first_failure: Option<ProbeFailure>,
+    /// First fault applied -> this probe's first failed sample while faults were in force.
     pub detection_ms: Option<i64>,
-    /// Last fault reverted -> back to baseline.
+    /// The first sample after the last revert from which this probe stayed ok.
+    pub recovered: Option<Moment>,
+    /// Last fault reverted -> `recovered`.
     pub recovery_ms: Option<i64>,
-    /// Whether the probe held the hypothesis; `null` when not judged.
-    pub passed: Option<bool>,
+    /// The `steady-state-check`'s judgement of this probe; `null` without one.
+    pub steady_before: Option<bool>,
+    /// The `recovery-check`'s judgement of this probe; `null` without one.
+    pub steady_after: Option<bool>,
+    pub samples: Vec<ProbePoint>,
 }
 
 /// One event of the run.
@@ -296,6 +457,18 @@ fn non_empty(text: &str) -> Option<String> {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `value` rounded to `decimals` decimal places.
+fn round_to(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    // `+ 0.0` turns a negative zero into zero.
+    (value * scale).round() / scale + 0.0
+}
+
+/// A latency in milliseconds, to the microsecond.
+fn duration_ms(duration: Duration) -> f64 {
+    round_to(duration.as_nanos() as f64 / 1e6, 3)
 }
 
 /// The trailing `[...]` of an agent's report (brackets may nest): the mechanism.
@@ -683,6 +856,36 @@ pub fn build_report(run: &pb::RunDetail) -> Report {
         })
         .collect();
 
+    // Probes: phases from the events, then each probe's samples judged in them.
+    let last_seen = events
+        .iter()
+        .map(|e| e.at_unix_ms)
+        .chain(run.probe_samples.iter().map(|s| s.at_unix_ms + 1))
+        .max();
+    let run_end = finished_ms.or(last_seen).unwrap_or(t0);
+    let bounds = phase_bounds(&events, &faults, started_ms, run_end, &moment);
+    let checks = SteadyChecks::of(&events);
+    let analysis = analyze_probes(
+        run,
+        plan.as_ref(),
+        &bounds,
+        &checks,
+        run_end,
+        &moment,
+        &mut notes,
+    );
+    let tolerances = judge_tolerances(plan.as_ref(), &bounds, &analysis.during, &mut notes);
+    let verdict = verdict(plan.as_ref(), &run_info.state, &checks, &tolerances);
+    let telemetry = run
+        .telemetry
+        .as_ref()
+        .map(|t| crate::telemetry::insights(t, &bounds.phases, bounds.first_applied, &moment));
+    if verdict == NOT_EVALUATED
+        && let Some(note) = not_evaluated_note(plan.as_ref(), &run_info.state, &checks)
+    {
+        notes.push(note);
+    }
+
     Report {
         report_version: REPORT_VERSION,
         run: run_info,
@@ -691,18 +894,481 @@ pub fn build_report(run: &pb::RunDetail) -> Report {
             .and_then(|p| p.hypothesis.as_deref())
             .and_then(non_empty)
             .map(|h| h.trim().to_string()),
-        verdict: NOT_EVALUATED.into(),
+        verdict: verdict.into(),
+        tolerances,
         totals,
         stages,
         faults,
         halt,
-        probes: Vec::new(),
-        failure_detection_ms: None,
-        recovery_ms: None,
-        telemetry: None,
+        phases: bounds.phases,
+        probes: analysis.probes,
+        failure_detection_ms: analysis.detection_ms,
+        recovery_ms: analysis.recovery_ms,
+        telemetry,
         timeline,
         notes,
     }
+}
+
+/// What a `steady-state-check` or `recovery-check` event said.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct CheckMessage {
+    steady: bool,
+    /// Per probe: judged steady or not.
+    probes: BTreeMap<String, bool>,
+}
+
+/// `baseline 1s (steady): api: steady, 5 samples, ...; db: not steady, ...` (also `after 1s
+/// (...)`); `None` when the message does not say.
+fn parse_check(message: &str) -> Option<CheckMessage> {
+    let (head, tail) = message
+        .split_once("): ")
+        .unwrap_or((message.trim_end().trim_end_matches(')'), ""));
+    let steady = if head.ends_with("(not steady") {
+        false
+    } else if head.ends_with("(steady") {
+        true
+    } else {
+        return None;
+    };
+    let probes = tail
+        .split("; ")
+        .filter_map(|part| {
+            let (name, rest) = part.split_once(": ")?;
+            let judged = if rest.starts_with("not steady") {
+                false
+            } else if rest.starts_with("steady") {
+                true
+            } else {
+                return None;
+            };
+            Some((name.trim().to_string(), judged))
+        })
+        .collect();
+    Some(CheckMessage { steady, probes })
+}
+
+/// The steady-state events of a run.
+#[derive(Debug, Default)]
+struct SteadyChecks {
+    /// The `steady-state-check`, before injecting.
+    baseline: Option<CheckMessage>,
+    /// The `recovery-check`, after the last stage.
+    recovery: Option<CheckMessage>,
+    /// The `stop-condition` event's message, if one fired.
+    stop_condition: Option<String>,
+}
+
+impl SteadyChecks {
+    fn of(events: &[pb::RunEvent]) -> Self {
+        let check = |kind: &str| {
+            events
+                .iter()
+                .find(|e| e.kind == kind)
+                .and_then(|e| parse_check(&e.message))
+        };
+        SteadyChecks {
+            baseline: check("steady-state-check"),
+            recovery: check("recovery-check"),
+            stop_condition: events
+                .iter()
+                .find(|e| e.kind == "stop-condition")
+                .map(|e| e.message.clone()),
+        }
+    }
+}
+
+/// The hypothesis verdict, from the plan, the run's final state, its steady-state checks and
+/// each probe's statistics while the faults were in force (`during`, by probe name: what
+/// hypothesis tolerances are judged on).
+///
+/// A plan without `steady_state` is not evaluated. With one, the run is refuted when a stop
+/// condition fired or the recovery check found the system not steady, confirmed when the run
+/// completed and the recovery check found it steady, and not evaluated otherwise (not steady
+/// before injection, halted, failed).
+fn verdict(
+    plan: Option<&Plan>,
+    state: &str,
+    checks: &SteadyChecks,
+    tolerances: &[ToleranceReport],
+) -> &'static str {
+    if plan.is_none_or(|plan| plan.steady_state.is_none()) {
+        return NOT_EVALUATED;
+    }
+    let recovered = checks.recovery.as_ref().map(|check| check.steady);
+    let tolerance_broken = tolerances.iter().any(|t| !t.held);
+    if checks.stop_condition.is_some() || recovered == Some(false) || tolerance_broken {
+        return REFUTED;
+    }
+    if state == "completed" && recovered == Some(true) {
+        return CONFIRMED;
+    }
+    NOT_EVALUATED
+}
+
+/// The plan's tolerances judged over the faults' window (the "during" phase), when there was
+/// one; otherwise none, with a note.
+fn judge_tolerances(
+    plan: Option<&Plan>,
+    bounds: &PhaseBounds,
+    during: &BTreeMap<String, ProbeStats>,
+    notes: &mut Vec<String>,
+) -> Vec<ToleranceReport> {
+    let Some(plan) = plan.filter(|plan| !plan.tolerances.is_empty()) else {
+        return Vec::new();
+    };
+    if bounds.first_applied.is_none() {
+        notes.push(format!(
+            "no fault was in force: the hypothesis's {} tolerance(s) were not judged",
+            plan.tolerances.len()
+        ));
+        return Vec::new();
+    }
+    faultline_domain::plan::judge_hypothesis(&plan.tolerances, during)
+        .into_iter()
+        .map(|result| ToleranceReport {
+            metric: serde_json::to_value(result.metric)
+                .ok()
+                .and_then(|value| value.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            probe: result.probe,
+            what: result.what,
+            observed: result.observed,
+            observed_value: result.observed_value,
+            held: result.held,
+            summary: result.summary,
+        })
+        .collect()
+}
+
+/// Why a run whose plan has probes was not evaluated.
+fn not_evaluated_note(plan: Option<&Plan>, state: &str, checks: &SteadyChecks) -> Option<String> {
+    plan?.steady_state.as_ref()?;
+    Some(match (&checks.baseline, &checks.recovery) {
+        (Some(baseline), _) if !baseline.steady => "the system was not steady before injection, so nothing was applied: the hypothesis was not evaluated"
+            .to_string(),
+        (_, None) => format!(
+            "the run ended {state} before its recovery check: the hypothesis was not evaluated"
+        ),
+        (_, Some(_)) => format!("the run ended {state}: the hypothesis was not evaluated"),
+    })
+}
+
+/// The phases, and the moments they hinge on.
+#[derive(Debug)]
+struct PhaseBounds {
+    phases: Phases,
+    /// The first `fault-applied`.
+    first_applied: Option<i64>,
+    /// The last `fault-reverted`, when every applied fault has one.
+    last_revert: Option<i64>,
+}
+
+fn phase_bounds(
+    events: &[pb::RunEvent],
+    faults: &[FaultReport],
+    run_start: Option<i64>,
+    run_end: i64,
+    moment: &impl Fn(i64) -> Moment,
+) -> PhaseBounds {
+    let span = |start: i64, end: i64| {
+        (end > start).then(|| PhaseSpan {
+            start: moment(start),
+            end: moment(end),
+            duration_ms: end - start,
+        })
+    };
+    let first_of = |kinds: &[&str]| {
+        events
+            .iter()
+            .filter(|e| kinds.contains(&e.kind.as_str()))
+            .map(|e| e.at_unix_ms)
+            .min()
+    };
+    let baseline = run_start.and_then(|start| {
+        let end = first_of(&["steady-state-check"])
+            .or_else(|| first_of(&["stage-waiting", "stage-started", "fault-sent"]))
+            .unwrap_or(run_end);
+        span(start, end)
+    });
+    let applied: Vec<&FaultReport> = faults.iter().filter(|f| f.applied.is_some()).collect();
+    let first_applied = applied
+        .iter()
+        .filter_map(|f| f.applied.as_ref().map(|m| m.unix_ms))
+        .min();
+    let last_revert = if applied.iter().all(|f| f.reverted.is_some()) {
+        applied
+            .iter()
+            .filter_map(|f| f.reverted.as_ref().map(|m| m.unix_ms))
+            .max()
+    } else {
+        None
+    };
+    let during = match first_applied {
+        Some(start) => span(start, last_revert.unwrap_or(run_end)),
+        None => first_of(&["stage-started"]).and_then(|start| span(start, run_end)),
+    };
+    let after = last_revert.and_then(|start| {
+        let end = events
+            .iter()
+            .filter(|e| e.kind == "recovery-check" && e.at_unix_ms >= start)
+            .map(|e| e.at_unix_ms)
+            .min()
+            .unwrap_or(run_end);
+        span(start, end)
+    });
+    PhaseBounds {
+        phases: Phases {
+            baseline,
+            during,
+            after,
+        },
+        first_applied,
+        last_revert,
+    }
+}
+
+/// The probes' part of a report.
+#[derive(Debug, Default)]
+struct ProbeAnalysis {
+    probes: Vec<ProbeReport>,
+    detection_ms: Option<i64>,
+    recovery_ms: Option<i64>,
+    /// Per probe, its statistics over the `during` phase.
+    during: BTreeMap<String, ProbeStats>,
+}
+
+/// The sample as the domain's statistics take it.
+fn domain_sample(sample: &pb::ProbeSampleRecord) -> ProbeSample {
+    ProbeSample {
+        at_ms: sample.at_unix_ms,
+        ok: sample.ok,
+        latency: sample
+            .latency_ms
+            .filter(|l| l.is_finite() && *l >= 0.0)
+            .map(|l| Duration::from_nanos((l * 1e6).round() as u64)),
+        value: sample.value.filter(|v| v.is_finite()),
+        detail: sample.detail.clone(),
+    }
+}
+
+/// `GET http://...`, `10.0.0.1:5432`, `agent-1: rabbitmqctl status`, `QUERY @ URL`.
+fn probe_target(kind: &ProbeKind) -> String {
+    match kind {
+        ProbeKind::Http { url, method, .. } => format!("{method} {url}"),
+        ProbeKind::Tcp { address, .. } => address.clone(),
+        ProbeKind::Command { agent, argv, .. } => format!("{agent}: {}", argv.join(" ")),
+        ProbeKind::Prometheus { url, query, .. } => format!("{query} @ {url}"),
+    }
+}
+
+/// The first sample at or after `from_ms` from which every later sample is ok.
+fn recovered_at(samples: &[ProbeSample], from_ms: i64) -> Option<i64> {
+    let mut candidate = None;
+    for sample in samples.iter().filter(|s| s.at_ms >= from_ms) {
+        if !sample.ok {
+            candidate = None;
+        } else if candidate.is_none() {
+            candidate = Some(sample.at_ms);
+        }
+    }
+    candidate
+}
+
+fn analyze_probes(
+    run: &pb::RunDetail,
+    plan: Option<&Plan>,
+    bounds: &PhaseBounds,
+    checks: &SteadyChecks,
+    run_end: i64,
+    moment: &impl Fn(i64) -> Moment,
+    notes: &mut Vec<String>,
+) -> ProbeAnalysis {
+    let specs = plan
+        .and_then(|p| p.steady_state.as_ref())
+        .map(|steady| steady.probes.as_slice())
+        .unwrap_or_default();
+    // The plan's probes in order, then any other probe the samples name.
+    let mut by_probe: Vec<(String, Vec<ProbeSample>)> = specs
+        .iter()
+        .map(|spec| (spec.name.clone(), Vec::new()))
+        .collect();
+    for sample in &run.probe_samples {
+        let index = match by_probe.iter().position(|(name, _)| *name == sample.probe) {
+            Some(index) => index,
+            None => {
+                by_probe.push((sample.probe.clone(), Vec::new()));
+                by_probe.len() - 1
+            }
+        };
+        by_probe[index].1.push(domain_sample(sample));
+    }
+    if by_probe.is_empty() {
+        return ProbeAnalysis::default();
+    }
+    let phases = &bounds.phases;
+    let mut analysis = ProbeAnalysis::default();
+    for (name, mut samples) in by_probe {
+        samples.sort_by_key(|s| s.at_ms);
+        let spec = specs.iter().find(|spec| spec.name == name);
+        let stats_in = |phase: &Option<PhaseSpan>| {
+            phase
+                .as_ref()
+                .map(|phase| summarize(&samples, phase.window()))
+        };
+        let window_of = |stats: &Option<ProbeStats>| {
+            stats
+                .as_ref()
+                .map_or_else(ProbeWindow::empty, ProbeWindow::of)
+        };
+        let (baseline, during, after) = (
+            stats_in(&phases.baseline),
+            stats_in(&phases.during),
+            stats_in(&phases.after),
+        );
+        let total = match (samples.first(), samples.last()) {
+            (Some(first), Some(last)) => ProbeWindow::of(&summarize(
+                &samples,
+                Window::new(first.at_ms, run_end.max(last.at_ms + 1)),
+            )),
+            _ => ProbeWindow::empty(),
+        };
+        let detection_ms =
+            bounds
+                .first_applied
+                .zip(phases.during.as_ref())
+                .and_then(|(applied, during)| {
+                    samples
+                        .iter()
+                        .find(|s| !s.ok && s.at_ms >= applied && s.at_ms < during.end.unix_ms)
+                        .map(|s| s.at_ms - applied)
+                });
+        let recovered = bounds
+            .last_revert
+            .and_then(|revert| recovered_at(&samples, revert));
+        if let Some(stats) = &during {
+            analysis.during.insert(name.clone(), stats.clone());
+        }
+        let (baseline, during, after) =
+            (window_of(&baseline), window_of(&during), window_of(&after));
+        let judged = |check: &Option<CheckMessage>| {
+            check
+                .as_ref()
+                .and_then(|check| check.probes.get(&name).copied())
+        };
+        analysis.probes.push(ProbeReport {
+            kind: spec.map(|spec| spec.kind.name().to_string()),
+            target: spec.map(|spec| probe_target(&spec.kind)),
+            interval_ms: spec.map(|spec| millis(spec.interval)),
+            total,
+            during_vs_baseline: ProbeDelta::between(&baseline, &during),
+            after_vs_baseline: ProbeDelta::between(&baseline, &after),
+            baseline,
+            during,
+            after,
+            first_failure: samples.iter().find(|s| !s.ok).map(|s| ProbeFailure {
+                at: moment(s.at_ms),
+                detail: non_empty(&s.detail),
+            }),
+            detection_ms,
+            recovered: recovered.map(moment),
+            recovery_ms: recovered
+                .zip(bounds.last_revert)
+                .map(|(at, revert)| at - revert),
+            steady_before: judged(&checks.baseline),
+            steady_after: judged(&checks.recovery),
+            samples: samples
+                .iter()
+                .map(|s| ProbePoint {
+                    offset_ms: moment(s.at_ms).offset_ms,
+                    ok: s.ok,
+                    latency_ms: s.latency.map(duration_ms),
+                    value: s.value,
+                    detail: if s.ok { None } else { non_empty(&s.detail) },
+                })
+                .collect(),
+            name,
+        });
+    }
+
+    let sampled: Vec<&ProbeReport> = analysis
+        .probes
+        .iter()
+        .filter(|p| !p.samples.is_empty())
+        .collect();
+    analysis.detection_ms = sampled.iter().filter_map(|p| p.detection_ms).min();
+    let recovered: Option<Vec<i64>> = sampled
+        .iter()
+        .map(|p| p.recovered.as_ref().map(|m| m.unix_ms))
+        .collect();
+    analysis.recovery_ms = bounds
+        .last_revert
+        .zip(recovered.and_then(|r| r.into_iter().max()))
+        .map(|(revert, at)| at - revert);
+
+    // Notes: every figure left out says why.
+    if run.probe_samples.is_empty() {
+        notes.push(
+            "the plan has steady-state probes but the run stored no samples (it ended before              its probes started, or its coordinator did not store samples): no probe figures"
+                .into(),
+        );
+        return analysis;
+    }
+    if run.probe_samples_truncated {
+        let last = run
+            .probe_samples
+            .iter()
+            .map(|s| s.at_unix_ms)
+            .max()
+            .unwrap_or_default();
+        notes.push(format!(
+            "the run reached the coordinator's per-run sample limit ({} samples): samples              after {} were not stored, and figures after it are incomplete",
+            run.probe_samples.len(),
+            fmt_offset(moment(last).offset_ms)
+        ));
+    }
+    for probe in analysis.probes.iter().filter(|p| p.samples.is_empty()) {
+        notes.push(format!("probe {} has no samples", probe.name));
+    }
+    match (bounds.first_applied, &phases.during) {
+        (None, _) => notes.push(
+            "no fault was applied: failure detection and recovery times are not defined".into(),
+        ),
+        (Some(_), Some(during)) if analysis.detection_ms.is_none() => notes.push(format!(
+            "no probe failed while the faults were in force ({} to {}): failure detection              time is not defined",
+            fmt_offset(during.start.offset_ms),
+            fmt_offset(during.end.offset_ms)
+        )),
+        _ => {}
+    }
+    if bounds.first_applied.is_some() {
+        match bounds.last_revert {
+            None => notes.push(
+                "not every applied fault has a recorded revert: recovery time is not defined"
+                    .into(),
+            ),
+            Some(revert) => {
+                for probe in sampled.iter().filter(|p| p.recovered.is_none()) {
+                    let after = probe
+                        .samples
+                        .iter()
+                        .any(|s| s.offset_ms >= moment(revert).offset_ms);
+                    notes.push(if after {
+                        format!(
+                            "probe {} was still failing at its last sample: the run did not                              recover, recovery time is not defined",
+                            probe.name
+                        )
+                    } else {
+                        format!(
+                            "probe {} has no sample after the last revert: recovery time is                              not defined",
+                            probe.name
+                        )
+                    });
+                }
+            }
+        }
+    }
+    analysis
 }
 
 fn fault_report(
@@ -895,9 +1561,142 @@ fn reverted_text(fault: &FaultReport) -> String {
     }
 }
 
-const PROBES_ABSENT: &str = "none recorded: steady-state probes are not implemented yet, so \
-there are no baseline / during / after figures (latency p50/p95/p99, error rate, throughput)";
+const PROBES_ABSENT: &str = "none: the plan has no steady-state probes, so there are no \
+baseline / during / after figures (latency p50/p95/p99, error rate, throughput)";
 const NEEDS_PROBES: &str = "not measured (needs probes)";
+const NOT_MEASURED: &str = "not measured (see notes)";
+
+/// `0.42 ms`, `12.3 ms`, `512.0 ms`, `2.500s`.
+fn fmt_ms(ms: f64) -> String {
+    if ms < 10.0 {
+        format!("{ms:.2} ms")
+    } else if ms < 1000.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{:.3}s", ms / 1000.0)
+    }
+}
+
+fn opt_ms(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "-".into(), fmt_ms)
+}
+
+fn opt_rate(rate: Option<f64>) -> String {
+    rate.map_or_else(|| "-".into(), format_rate)
+}
+
+fn opt_throughput(per_sec: Option<f64>) -> String {
+    per_sec.map_or_else(|| "-".into(), |t| format!("{t:.2}/s"))
+}
+
+/// `min / mean / max` of a phase's values; `None` without values.
+fn values_text(window: &ProbeWindow) -> Option<String> {
+    let (min, mean, max) = (window.value_min?, window.value_mean?, window.value_max?);
+    Some(format!("{min} / {mean} / {max}"))
+}
+
+/// `error rate +40.0 pp, p95 +498.8 ms`.
+fn delta_text(delta: &ProbeDelta) -> String {
+    let signed = |v: f64| format!("{:+.1}", round_to(v, 1));
+    let rate = delta
+        .error_rate_pp
+        .map_or_else(|| "-".into(), |pp| format!("{} pp", signed(pp)));
+    let p95 = delta
+        .p95_ms
+        .map_or_else(|| "-".into(), |ms| format!("{} ms", signed(ms)));
+    format!("error rate {rate}, p95 {p95}")
+}
+
+/// A run-level probe figure, or why it is missing.
+fn probe_figure(report: &Report, ms: Option<i64>) -> String {
+    match ms {
+        _ if report.probes.is_empty() => NEEDS_PROBES.into(),
+        Some(ms) => fmt_span(ms),
+        None => NOT_MEASURED.into(),
+    }
+}
+
+fn phase_rows(phases: &Phases) -> [(&'static str, Option<&PhaseSpan>); 3] {
+    [
+        ("baseline", phases.baseline.as_ref()),
+        ("during", phases.during.as_ref()),
+        ("after", phases.after.as_ref()),
+    ]
+}
+
+/// `+0.000s -> +1.003s (1.003s)`, or `-`.
+fn phase_text(span: Option<&PhaseSpan>) -> String {
+    span.map_or_else(
+        || "-".into(),
+        |span| {
+            format!(
+                "{} -> {} ({})",
+                fmt_offset(span.start.offset_ms),
+                fmt_offset(span.end.offset_ms),
+                fmt_span(span.duration_ms)
+            )
+        },
+    )
+}
+
+fn probe_windows(probe: &ProbeReport) -> [(&'static str, &ProbeWindow); 3] {
+    [
+        ("baseline", &probe.baseline),
+        ("during", &probe.during),
+        ("after", &probe.after),
+    ]
+}
+
+/// `http GET http://... (every 200 ms)`.
+fn probe_heading(probe: &ProbeReport) -> String {
+    let mut text = probe.name.clone();
+    if let Some(kind) = &probe.kind {
+        let _ = write!(text, " ({kind}");
+        if let Some(target) = &probe.target {
+            let _ = write!(text, " {target}");
+        }
+        if let Some(interval) = probe.interval_ms {
+            let _ = write!(text, ", every {}", opt_u64_span(Some(interval)));
+        }
+        text.push(')');
+    }
+    text
+}
+
+fn yes_no(judged: Option<bool>) -> &'static str {
+    match judged {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    }
+}
+
+/// `detection 412 ms · recovery 180 ms (at +3.440s) · steady before: yes · after: yes`.
+fn probe_outcome_text(probe: &ProbeReport) -> String {
+    let recovery = match (&probe.recovery_ms, &probe.recovered) {
+        (Some(ms), Some(at)) => format!("{} (at {})", fmt_span(*ms), fmt_offset(at.offset_ms)),
+        _ => "-".into(),
+    };
+    format!(
+        "detection {} · recovery {recovery} · steady before: {} · steady after: {}",
+        opt_span(probe.detection_ms),
+        yes_no(probe.steady_before),
+        yes_no(probe.steady_after)
+    )
+}
+
+fn first_failure_text(probe: &ProbeReport) -> String {
+    probe.first_failure.as_ref().map_or_else(
+        || "none".into(),
+        |failure| {
+            format!(
+                "{}: {}",
+                fmt_offset(failure.at.offset_ms),
+                failure.detail.as_deref().unwrap_or("(no detail)")
+            )
+        },
+    )
+}
 
 // ---------------------------------------------------------------------------------------------
 // Text.
@@ -920,6 +1719,14 @@ pub fn render_text(report: &Report) -> String {
         kv(&mut out, "reason", reason);
     }
     kv(&mut out, "verdict", &report.verdict);
+    for tolerance in &report.tolerances {
+        let mark = if tolerance.held { "held" } else { "BROKEN" };
+        kv(
+            &mut out,
+            "tolerance",
+            &format!("[{mark}] {}", tolerance.summary),
+        );
+    }
     kv(
         &mut out,
         "hypothesis",
@@ -1068,10 +1875,65 @@ pub fn render_text(report: &Report) -> String {
     }
 
     out.push_str("\nProbes\n");
-    let _ = writeln!(out, "  {PROBES_ABSENT}");
-    let _ = writeln!(out, "  failure detection time  {NEEDS_PROBES}");
-    let _ = writeln!(out, "  recovery time           {NEEDS_PROBES}");
-    out.push_str("\nTelemetry\n  none collected\n");
+    if report.probes.is_empty() {
+        let _ = writeln!(out, "  {PROBES_ABSENT}");
+    } else {
+        for (n, (name, span)) in phase_rows(&report.phases).into_iter().enumerate() {
+            let label = if n == 0 { "phases" } else { "" };
+            let _ = writeln!(out, "  {label:<8}  {name:<9} {}", phase_text(span));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  failure detection time  {}",
+        probe_figure(report, report.failure_detection_ms)
+    );
+    let _ = writeln!(
+        out,
+        "  recovery time           {}",
+        probe_figure(report, report.recovery_ms)
+    );
+    for probe in &report.probes {
+        let _ = writeln!(out, "\n  {}", probe_heading(probe));
+        let _ = writeln!(
+            out,
+            "    {:<9} {:>7} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "phase", "samples", "errors", "error rate", "p50", "p95", "p99", "throughput"
+        );
+        for (name, window) in probe_windows(probe) {
+            let _ = writeln!(
+                out,
+                "    {name:<9} {:>7} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                window.samples,
+                window.errors,
+                opt_rate(window.error_rate),
+                opt_ms(window.p50_ms),
+                opt_ms(window.p95_ms),
+                opt_ms(window.p99_ms),
+                opt_throughput(window.throughput_per_sec)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "    during vs baseline  {}",
+            delta_text(&probe.during_vs_baseline)
+        );
+        let _ = writeln!(
+            out,
+            "    after vs baseline   {}",
+            delta_text(&probe.after_vs_baseline)
+        );
+        for (name, window) in probe_windows(probe) {
+            if let Some(values) = values_text(window) {
+                let _ = writeln!(out, "    values {name:<12} {values} (min / mean / max)");
+            }
+        }
+        let _ = writeln!(out, "    first failure       {}", first_failure_text(probe));
+        let _ = writeln!(out, "    {}", probe_outcome_text(probe));
+    }
+    out.push_str(&crate::telemetry::render_text_section(
+        report.telemetry.as_ref(),
+    ));
 
     out.push_str("\nTimeline\n");
     for entry in &report.timeline {
@@ -1134,6 +1996,14 @@ pub fn render_markdown(report: &Report) -> String {
         row(&mut out, "Reason", reason);
     }
     row(&mut out, "Verdict", &report.verdict);
+    for tolerance in &report.tolerances {
+        let mark = if tolerance.held { "held" } else { "**broken**" };
+        row(
+            &mut out,
+            "Tolerance",
+            &format!("{mark}: {}", tolerance.summary),
+        );
+    }
     row(
         &mut out,
         "Hypothesis",
@@ -1252,10 +2122,74 @@ pub fn render_markdown(report: &Report) -> String {
     }
 
     out.push_str("\n## Probes\n\n");
-    let _ = writeln!(out, "{}.\n", md(&capitalized(PROBES_ABSENT)));
-    let _ = writeln!(out, "- Failure detection time: {NEEDS_PROBES}");
-    let _ = writeln!(out, "- Recovery time: {NEEDS_PROBES}");
-    out.push_str("\n## Telemetry\n\nNone collected.\n");
+    if report.probes.is_empty() {
+        let _ = writeln!(out, "{}.\n", md(&capitalized(PROBES_ABSENT)));
+    } else {
+        out.push_str("| Phase | From | To | Length |\n|---|---|---|---|\n");
+        for (name, span) in phase_rows(&report.phases) {
+            match span {
+                Some(span) => {
+                    let _ = writeln!(
+                        out,
+                        "| {name} | {} | {} | {} |",
+                        fmt_offset(span.start.offset_ms),
+                        fmt_offset(span.end.offset_ms),
+                        fmt_span(span.duration_ms)
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "| {name} | - | - | - |");
+                }
+            }
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "- Failure detection time: {}",
+        probe_figure(report, report.failure_detection_ms)
+    );
+    let _ = writeln!(
+        out,
+        "- Recovery time: {}",
+        probe_figure(report, report.recovery_ms)
+    );
+    for probe in &report.probes {
+        let _ = writeln!(out, "\n### Probe {}\n", md(&probe_heading(probe)));
+        out.push_str(
+            "| Phase | Samples | Errors | Error rate | p50 | p95 | p99 | Throughput | \
+             Values (min / mean / max) |\n|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for (name, window) in probe_windows(probe) {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                window.samples,
+                window.errors,
+                opt_rate(window.error_rate),
+                opt_ms(window.p50_ms),
+                opt_ms(window.p95_ms),
+                opt_ms(window.p99_ms),
+                opt_throughput(window.throughput_per_sec),
+                md(values_text(window).as_deref().unwrap_or("-"))
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n- During vs baseline: {}",
+            delta_text(&probe.during_vs_baseline)
+        );
+        let _ = writeln!(
+            out,
+            "- After vs baseline: {}",
+            delta_text(&probe.after_vs_baseline)
+        );
+        let _ = writeln!(out, "- First failure: {}", md(&first_failure_text(probe)));
+        let _ = writeln!(out, "- {}", capitalized(&probe_outcome_text(probe)));
+    }
+    out.push_str(&crate::telemetry::render_markdown_section(
+        report.telemetry.as_ref(),
+    ));
 
     out.push_str(
         "\n## Timeline\n\n| t | Event | Stage | Agent | Message |\n|---|---|---|---|---|\n",
@@ -1383,6 +2317,49 @@ fn tick_step(span_ms: i64) -> i64 {
         .unwrap_or(7_200_000)
 }
 
+/// The shared time axis of the charts: its end (a whole number of ticks, offset from the run's
+/// start) and tick spacing.
+fn time_axis(report: &Report) -> (i64, i64) {
+    let mut end = report
+        .run
+        .finished
+        .as_ref()
+        .map_or(0, |m| m.offset_ms)
+        .max(report.timeline.last().map_or(0, |e| e.at.offset_ms));
+    for fault in &report.faults {
+        for m in [&fault.reverted, &fault.scheduled_end]
+            .into_iter()
+            .flatten()
+        {
+            end = end.max(m.offset_ms);
+        }
+    }
+    if let Some(halt) = &report.halt {
+        end = end.max(halt.recorded.offset_ms);
+    }
+    for probe in &report.probes {
+        if let Some(last) = probe.samples.last() {
+            end = end.max(last.offset_ms);
+        }
+    }
+    let step = tick_step(end.max(1_000));
+    // Round the axis up to a whole tick so the last label sits at the edge.
+    let end = ((end.max(1_000) + step - 1) / step) * step;
+    (end, step)
+}
+
+/// Tick spacing for a latency axis up to `max_ms`: at most 5 ticks.
+fn latency_step(max_ms: f64) -> f64 {
+    let mut step = 0.1;
+    for factor in [2.0, 2.5, 2.0].into_iter().cycle() {
+        if max_ms / step <= 5.0 {
+            break;
+        }
+        step *= factor;
+    }
+    step
+}
+
 fn tick_label(ms: i64, step: i64) -> String {
     if step >= 60_000 && ms % 60_000 == 0 {
         format!("{}m", ms / 60_000)
@@ -1415,26 +2392,7 @@ pub fn render_timeline_svg(report: &Report) -> String {
     let lanes = report.faults.len().max(1);
     let plot_h = LANE * lanes as f64;
     let height = TOP + plot_h + 34.0;
-    let mut end = report
-        .run
-        .finished
-        .as_ref()
-        .map_or(0, |m| m.offset_ms)
-        .max(report.timeline.last().map_or(0, |e| e.at.offset_ms));
-    for fault in &report.faults {
-        for m in [&fault.reverted, &fault.scheduled_end]
-            .into_iter()
-            .flatten()
-        {
-            end = end.max(m.offset_ms);
-        }
-    }
-    if let Some(halt) = &report.halt {
-        end = end.max(halt.recorded.offset_ms);
-    }
-    let step = tick_step(end.max(1_000));
-    // Round the axis up to a whole tick so the last label sits at the edge.
-    let end = ((end.max(1_000) + step - 1) / step) * step;
+    let (end, step) = time_axis(report);
     let plot_w = WIDTH - LEFT - RIGHT;
     let x = |ms: i64| LEFT + (ms.clamp(0, end) as f64 / end as f64) * plot_w;
     let bottom = TOP + plot_h;
@@ -1684,6 +2642,295 @@ pub fn render_timeline_svg(report: &Report) -> String {
     svg
 }
 
+/// The samples of a probe chart that fall in one pixel column.
+#[derive(Debug, Default)]
+struct ChartColumn<'a> {
+    /// The highest latency of an ok sample.
+    ok_latency: Option<f64>,
+    failed: usize,
+    /// The highest latency of a failed sample (the top edge for one without).
+    failed_latency: Option<f64>,
+    first_failed: Option<&'a ProbePoint>,
+}
+
+/// A mark of a probe chart, in time order.
+#[derive(Debug)]
+enum ChartMark {
+    Ok { x: f64, y: f64 },
+    Failed { x: f64, y: f64, title: String },
+}
+
+/// One probe's latency over time as an inline SVG, on the timeline's time axis: ok samples as
+/// a line of points (broken where samples failed), failed samples as red crosses (at their
+/// latency, on the top edge when none was measured), the baseline and after phases tinted,
+/// the fault windows shaded, and when the probe first saw the faults and when it recovered.
+/// Above [`CHART_MAX_POINTS`] samples, one mark per pixel column.
+pub fn render_probe_svg(report: &Report, probe: &ProbeReport) -> String {
+    const WIDTH: f64 = 1100.0;
+    const LEFT: f64 = 80.0;
+    const RIGHT: f64 = 24.0;
+    const TOP: f64 = 28.0;
+    const PLOT_H: f64 = 170.0;
+
+    let height = TOP + PLOT_H + 34.0;
+    let (end, step) = time_axis(report);
+    let plot_w = WIDTH - LEFT - RIGHT;
+    let x = |ms: i64| LEFT + (ms.clamp(0, end) as f64 / end as f64) * plot_w;
+    let bottom = TOP + PLOT_H;
+    let highest = probe
+        .samples
+        .iter()
+        .filter_map(|s| s.latency_ms)
+        .fold(0.0, f64::max);
+    let highest = if highest.is_finite() && highest > 0.0 {
+        highest
+    } else {
+        1.0
+    };
+    // Some headroom above the highest sample, up to a whole tick.
+    let y_step = latency_step(highest * 1.1);
+    let y_max = (highest * 1.1 / y_step).ceil().max(1.0) * y_step;
+    let y = |ms: f64| bottom - (ms.clamp(0.0, y_max) / y_max) * PLOT_H;
+    let e = html_escape;
+
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg class="probe-chart" data-probe="{}" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" width="100%" role="img" aria-label="{}">"#,
+        e(&probe.name),
+        e(&format!("Latency of probe {} over the run", probe.name))
+    );
+    let _ = write!(
+        svg,
+        r##"<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{PLOT_H}" fill="#fbfcfe" stroke="#d9dde7"/>"##
+    );
+
+    // Phases, tinted and named; the fault windows shaded.
+    for (name, span) in phase_rows(&report.phases) {
+        let Some(span) = span else { continue };
+        let (x0, x1) = (x(span.start.offset_ms), x(span.end.offset_ms));
+        let fill = match name {
+            "baseline" => "#e7f5ff",
+            "after" => "#ebfbee",
+            _ => "none",
+        };
+        let _ = write!(
+            svg,
+            r##"<g class="phase"><title>{}</title><rect x="{x0:.1}" y="{TOP}" width="{:.1}" height="{PLOT_H}" fill="{fill}"/><text x="{:.1}" y="{}" font-size="11.5" fill="#495057">{name}</text></g>"##,
+            e(&format!("{name}: {}", phase_text(Some(span)))),
+            (x1 - x0).max(1.0),
+            x0 + 3.0,
+            TOP - 8.0
+        );
+    }
+    for fault in &report.faults {
+        let Some(applied) = &fault.applied else {
+            continue;
+        };
+        let stop = fault.reverted.as_ref().map_or(end, |m| m.offset_ms);
+        let (x0, x1) = (x(applied.offset_ms), x(stop));
+        let _ = write!(
+            svg,
+            r##"<rect class="probe-fault-window" x="{x0:.1}" y="{TOP}" width="{:.1}" height="{PLOT_H}" fill="#e8590c" fill-opacity="0.12"><title>{}</title></rect>"##,
+            (x1 - x0).max(1.0),
+            e(&format!(
+                "{}: {} -> {}",
+                fault_title(fault),
+                fmt_offset(applied.offset_ms),
+                fault.reverted.as_ref().map_or_else(
+                    || "(no revert recorded)".into(),
+                    |m| fmt_offset(m.offset_ms)
+                )
+            ))
+        );
+    }
+
+    // Axes: latency on the left, time below.
+    let _ = write!(
+        svg,
+        r##"<text x="14" y="{:.1}" font-size="11" fill="#667085" text-anchor="middle" transform="rotate(-90 14 {:.1})">latency</text>"##,
+        TOP + PLOT_H / 2.0,
+        TOP + PLOT_H / 2.0
+    );
+    let mut tick = 0.0;
+    while tick <= y_max + y_step / 2.0 {
+        let ty = y(tick);
+        let _ = write!(
+            svg,
+            r##"<line x1="{LEFT}" y1="{ty:.1}" x2="{:.1}" y2="{ty:.1}" stroke="#000" stroke-opacity="0.06"/><text x="{:.1}" y="{:.1}" font-size="11" fill="#667085" text-anchor="end">{}</text>"##,
+            LEFT + plot_w,
+            LEFT - 6.0,
+            ty + 4.0,
+            e(&fmt_ms(round_to(tick, 3)))
+        );
+        tick += y_step;
+    }
+    let mut tick = 0;
+    while tick <= end {
+        let tx = x(tick);
+        let _ = write!(
+            svg,
+            r##"<line x1="{tx:.1}" y1="{bottom}" x2="{tx:.1}" y2="{}" stroke="#868e96"/><text x="{tx:.1}" y="{}" font-size="11" fill="#667085" text-anchor="middle">{}</text>"##,
+            bottom + 5.0,
+            bottom + 18.0,
+            tick_label(tick, step)
+        );
+        tick += step;
+    }
+
+    // The samples.
+    let bucketed = probe.samples.len() > CHART_MAX_POINTS;
+    let mut marks = Vec::new();
+    if bucketed {
+        // Per pixel column: the highest ok latency, and the failures.
+        let mut columns: BTreeMap<i64, ChartColumn<'_>> = BTreeMap::new();
+        for sample in &probe.samples {
+            let column = columns
+                .entry(x(sample.offset_ms).round() as i64)
+                .or_default();
+            let highest = |seen: Option<f64>, latency: f64| {
+                Some(seen.map_or(latency, |l: f64| l.max(latency)))
+            };
+            if sample.ok {
+                if let Some(latency) = sample.latency_ms {
+                    column.ok_latency = highest(column.ok_latency, latency);
+                }
+            } else {
+                column.failed += 1;
+                column.failed_latency =
+                    highest(column.failed_latency, sample.latency_ms.unwrap_or(y_max));
+                column.first_failed.get_or_insert(sample);
+            }
+        }
+        for (column, figures) in columns {
+            if let Some(latency) = figures.ok_latency {
+                marks.push(ChartMark::Ok {
+                    x: column as f64,
+                    y: y(latency),
+                });
+            }
+            if let Some(first) = figures.first_failed {
+                marks.push(ChartMark::Failed {
+                    x: column as f64,
+                    y: y(figures.failed_latency.unwrap_or(y_max)),
+                    title: format!(
+                        "{} failed sample(s) from {}: {}",
+                        figures.failed,
+                        fmt_offset(first.offset_ms),
+                        first.detail.as_deref().unwrap_or("(no detail)")
+                    ),
+                });
+            }
+        }
+    } else {
+        for sample in &probe.samples {
+            let sx = x(sample.offset_ms);
+            match (sample.ok, sample.latency_ms) {
+                (true, Some(latency)) => marks.push(ChartMark::Ok {
+                    x: sx,
+                    y: y(latency),
+                }),
+                (true, None) => {}
+                (false, latency) => marks.push(ChartMark::Failed {
+                    x: sx,
+                    y: y(latency.unwrap_or(y_max)),
+                    title: format!(
+                        "{} failed{}: {}",
+                        fmt_offset(sample.offset_ms),
+                        latency.map_or_else(String::new, |l| format!(" after {}", fmt_ms(l))),
+                        sample.detail.as_deref().unwrap_or("(no detail)")
+                    ),
+                }),
+            }
+        }
+    }
+    let mut segments: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
+    for mark in &marks {
+        match mark {
+            ChartMark::Ok { x, y } => {
+                if let Some(segment) = segments.last_mut() {
+                    segment.push((*x, *y));
+                }
+            }
+            ChartMark::Failed { .. } => segments.push(Vec::new()),
+        }
+    }
+    for segment in segments.iter().filter(|s| s.len() > 1) {
+        let points: Vec<String> = segment
+            .iter()
+            .map(|(px, py)| format!("{px:.1},{py:.1}"))
+            .collect();
+        let _ = write!(
+            svg,
+            r##"<polyline class="probe-line" points="{}" fill="none" stroke="#1c7ed6" stroke-width="1.5" stroke-linejoin="round"/>"##,
+            points.join(" ")
+        );
+    }
+    for mark in &marks {
+        match mark {
+            ChartMark::Ok { x, y } if !bucketed => {
+                let _ = write!(
+                    svg,
+                    r##"<circle class="probe-ok" cx="{x:.1}" cy="{y:.1}" r="2" fill="#1c7ed6"/>"##
+                );
+            }
+            ChartMark::Ok { .. } => {}
+            ChartMark::Failed { x, y, title } => {
+                let _ = write!(
+                    svg,
+                    r##"<g class="probe-failure"><title>{}</title><path d="M{:.1} {:.1} l7 7 m0 -7 l-7 7" stroke="#c92a2a" stroke-width="2"/></g>"##,
+                    e(title),
+                    x - 3.5,
+                    y - 3.5
+                );
+            }
+        }
+    }
+    if probe.samples.is_empty() {
+        let _ = write!(
+            svg,
+            r##"<text x="{:.1}" y="{:.1}" font-size="13" fill="#667085" text-anchor="middle">no samples</text>"##,
+            LEFT + plot_w / 2.0,
+            TOP + PLOT_H / 2.0
+        );
+    }
+
+    // When the probe saw the faults, and when it recovered.
+    let markers = [
+        probe
+            .detection_ms
+            .zip(report.phases.during.as_ref())
+            .map(|(ms, during)| {
+                (
+                    during.start.offset_ms + ms,
+                    format!("detected +{}", fmt_span(ms)),
+                    "#c92a2a",
+                    "probe-detected",
+                )
+            }),
+        probe.recovered.as_ref().map(|at| {
+            (
+                at.offset_ms,
+                format!("recovered {}", opt_span(probe.recovery_ms)),
+                "#2b8a3e",
+                "probe-recovered",
+            )
+        }),
+    ];
+    for (at, label, colour, class) in markers.into_iter().flatten() {
+        let mx = x(at);
+        let _ = write!(
+            svg,
+            r##"<g class="{class}"><line x1="{mx:.1}" y1="{TOP}" x2="{mx:.1}" y2="{bottom}" stroke="{colour}" stroke-width="1.5" stroke-dasharray="5 3"/><text x="{:.1}" y="{}" font-size="11.5" font-weight="600" fill="{colour}">{}</text></g>"##,
+            mx + 4.0,
+            TOP + 14.0,
+            e(&label)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
 fn truncate(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
         text.to_string()
@@ -1745,6 +2992,14 @@ pub fn render_html(report: &Report) -> String {
             .unwrap_or("(the plan states none)"),
     );
     kv(&mut out, "Verdict", &report.verdict);
+    for tolerance in &report.tolerances {
+        let mark = if tolerance.held { "held" } else { "BROKEN" };
+        kv(
+            &mut out,
+            "Tolerance",
+            &format!("{mark}: {}", tolerance.summary),
+        );
+    }
     if let Some(description) = &run.description {
         kv(&mut out, "Description", description.trim());
     }
@@ -1800,8 +3055,16 @@ pub fn render_html(report: &Report) -> String {
             .as_ref()
             .map_or_else(|| "- (no halt)".into(), |h| opt_u64_span(h.latency_ms)),
     );
-    kv(&mut out, "Failure detection time", NEEDS_PROBES);
-    kv(&mut out, "Recovery time", NEEDS_PROBES);
+    kv(
+        &mut out,
+        "Failure detection time",
+        &probe_figure(report, report.failure_detection_ms),
+    );
+    kv(
+        &mut out,
+        "Recovery time",
+        &probe_figure(report, report.recovery_ms),
+    );
     kv(&mut out, "Events", &t.events.to_string());
     out.push_str("</table></div></section>\n");
 
@@ -1896,15 +3159,80 @@ pub fn render_html(report: &Report) -> String {
     }
     out.push_str("</section>\n");
 
-    // Probes and telemetry.
-    let _ = writeln!(
-        out,
-        "<section><h2>Probes</h2><p class=\"note\">{}.</p><p class=\"note\">Latency and \
-         error-rate plots over time, with the fault windows shaded, appear here once runs \
-         record probes. Failure detection time and recovery time: {NEEDS_PROBES}.</p>\
-         <h2>Telemetry</h2><p class=\"note\">None collected.</p></section>",
-        e(&capitalized(PROBES_ABSENT))
-    );
+    // Probes (the eBPF insights follow in a section of their own).
+    out.push_str("<section><h2>Probes</h2>");
+    if report.probes.is_empty() {
+        let _ = write!(
+            out,
+            "<p class=\"note\">{}.</p><p class=\"note\">Failure detection time and recovery \
+             time: {NEEDS_PROBES}.</p>",
+            e(&capitalized(PROBES_ABSENT))
+        );
+    } else {
+        out.push_str("<div class=\"grid\"><table class=\"kv\">");
+        for (name, span) in phase_rows(&report.phases) {
+            kv(&mut out, &capitalized(name), &phase_text(span));
+        }
+        out.push_str("</table><table class=\"kv\">");
+        kv(
+            &mut out,
+            "Failure detection time",
+            &probe_figure(report, report.failure_detection_ms),
+        );
+        kv(
+            &mut out,
+            "Recovery time",
+            &probe_figure(report, report.recovery_ms),
+        );
+        out.push_str("</table></div>");
+    }
+    for probe in &report.probes {
+        let _ = write!(
+            out,
+            "<h2>Probe {}</h2><div class=\"scroll\"><table class=\"probe\"><thead><tr>\
+             <th>Phase</th><th class=\"num\">Samples</th><th class=\"num\">Errors</th>\
+             <th class=\"num\">Error rate</th><th class=\"num\">p50</th>\
+             <th class=\"num\">p95</th><th class=\"num\">p99</th>\
+             <th class=\"num\">Throughput</th><th class=\"num\">Values (min / mean / max)</th>\
+             </tr></thead><tbody>",
+            e(&probe_heading(probe))
+        );
+        for (name, window) in probe_windows(probe) {
+            let _ = write!(
+                out,
+                "<tr><td>{name}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+                window.samples,
+                window.errors,
+                e(&opt_rate(window.error_rate)),
+                e(&opt_ms(window.p50_ms)),
+                e(&opt_ms(window.p95_ms)),
+                e(&opt_ms(window.p99_ms)),
+                e(&opt_throughput(window.throughput_per_sec)),
+                e(values_text(window).as_deref().unwrap_or("-"))
+            );
+        }
+        let _ = write!(
+            out,
+            "</tbody></table></div><p class=\"note\">During vs baseline: {} · after vs \
+             baseline: {}<br>First failure: {}<br>{}</p><div class=\"scroll\">{}</div>\
+             <div class=\"legend\"><span style=\"--sw:#1c7ed6\">latency of ok samples</span>\
+             <span style=\"--sw:#c92a2a\">failed sample</span>\
+             <span style=\"--sw:#f6d5c4\">fault window</span>\
+             <span style=\"--sw:#e7f5ff\">baseline</span>\
+             <span style=\"--sw:#ebfbee\">after</span></div>",
+            e(&delta_text(&probe.during_vs_baseline)),
+            e(&delta_text(&probe.after_vs_baseline)),
+            e(&first_failure_text(probe)),
+            e(&capitalized(&probe_outcome_text(probe))),
+            render_probe_svg(report, probe)
+        );
+    }
+    out.push_str("</section>\n");
+    out.push_str(&crate::telemetry::render_html_section(
+        report.telemetry.as_ref(),
+    ));
 
     // Event log.
     out.push_str(
@@ -2020,8 +3348,158 @@ stages:
             plan_yaml: PLAN.into(),
             events,
             reason: reason.into(),
+            probe_samples: Vec::new(),
+            probe_samples_truncated: false,
+            telemetry: None,
         }
     }
+
+    const PROBED_PLAN: &str = "apiVersion: faultline/v1
+title: Pause the db under probes
+hypothesis: The api answers again once the db is back.
+lease: 5s
+steady_state:
+  probes:
+    - { name: api, kind: tcp, address: \"127.0.0.1:5432\", interval: 200ms, timeout: 500ms }
+    - { name: errors, kind: prometheus, url: \"http://prom:9090\", query: \"sum(errors)\", max: 5, interval: 500ms }
+  baseline: 1s
+stages:
+  - name: pause
+    faults:
+      - kind: container-pause
+        agent: agent-1
+        target: { container: db }
+        duration: 2s
+";
+
+    fn sample(
+        probe: &str,
+        at: i64,
+        ok: bool,
+        latency: f64,
+        value: Option<f64>,
+    ) -> pb::ProbeSampleRecord {
+        pb::ProbeSampleRecord {
+            probe: probe.into(),
+            at_unix_ms: T0 + at,
+            ok,
+            latency_ms: Some(latency),
+            value,
+            detail: if ok {
+                String::new()
+            } else {
+                format!("failed at {at}")
+            },
+        }
+    }
+
+    /// A completed run of [`PROBED_PLAN`]: baseline 0-1000, the pause applied at 1040 and
+    /// reverted at 3052, recovery check at 4060. `api` (every 200ms from 10) fails from 1210
+    /// to 2810 and is ok again from 3010; `errors` (every 500ms from 100) fails from 1600 to
+    /// 3100 and is ok again from 3600.
+    fn probed(recovery: &str) -> pb::RunDetail {
+        let mut events = vec![
+            ev(
+                1,
+                0,
+                "run-started",
+                "",
+                "",
+                "",
+                "1 stage(s), 1 fault(s): Pause",
+            ),
+            ev(
+                2,
+                1_000,
+                "steady-state-check",
+                "",
+                "",
+                "",
+                "baseline 1s (steady): api: steady, 5 samples, 0 errors (0%), p50 1ms, p99 1ms; \
+                 errors: steady, 2 samples, 0 errors (0%), p50 3ms, p99 3ms",
+            ),
+            ev(
+                3,
+                1_002,
+                "stage-started",
+                "pause",
+                "",
+                "",
+                "stage 1 of 1: 1 fault(s)",
+            ),
+            ev(
+                4,
+                1_005,
+                "fault-sent",
+                "pause",
+                "agent-1",
+                "pause/0",
+                "container-pause on container db for 2s (command c1)",
+            ),
+            ev(
+                5,
+                1_040,
+                "fault-applied",
+                "pause",
+                "agent-1",
+                "pause/0",
+                "applied to container 0123456789ab (db): verified: container is paused [docker pause]",
+            ),
+            ev(
+                6,
+                3_052,
+                "fault-reverted",
+                "pause",
+                "agent-1",
+                "pause/0",
+                "reverted (schedule): unpaused",
+            ),
+            ev(
+                7,
+                3_053,
+                "stage-finished",
+                "pause",
+                "",
+                "",
+                "stage pause finished",
+            ),
+            ev(8, 4_060, "recovery-check", "", "", "", recovery),
+            ev(9, 4_062, "run-finished", "", "", "", "run completed"),
+        ];
+        if let Some(last) = events.last_mut() {
+            last.final_state = "completed".into();
+        }
+        let mut run = detail("completed", "", events);
+        run.plan_yaml = PROBED_PLAN.into();
+        run.summary.as_mut().unwrap().title = "Pause the db under probes".into();
+        let mut samples = Vec::new();
+        for at in (10..4_060).step_by(200) {
+            let failing = (1_210..=2_810).contains(&at);
+            samples.push(sample(
+                "api",
+                at,
+                !failing,
+                if failing { 500.0 } else { 1.0 },
+                None,
+            ));
+        }
+        for at in (100..4_060).step_by(500) {
+            let failing = (1_600..=3_100).contains(&at);
+            let value = match at {
+                _ if failing => 9.0,
+                a if a < 1_000 => 0.0,
+                a if a < 3_052 => 2.0,
+                _ => 1.0,
+            };
+            samples.push(sample("errors", at, !failing, 3.0, Some(value)));
+        }
+        samples.sort_by_key(|s| s.at_unix_ms);
+        run.probe_samples = samples;
+        run
+    }
+
+    const STEADY_AFTER: &str = "after 1s (steady): api: steady, 5 samples, 0 errors (0%), p50 \
+        1ms, p99 1ms; errors: steady, 2 samples, 0 errors (0%), p50 3ms, p99 3ms";
 
     fn completed() -> pb::RunDetail {
         let mut events = vec![
@@ -2526,6 +4004,17 @@ stages:
         assert_eq!(tick_step(6_322), 1_000);
         assert_eq!(tick_step(500), 100);
         assert_eq!(tick_step(90_000), 10_000);
+        let delta = ProbeDelta {
+            error_rate_pp: Some(-0.04),
+            p95_ms: Some(-0.0),
+        };
+        assert_eq!(delta_text(&delta), "error rate +0.0 pp, p95 +0.0 ms");
+        assert_eq!(round_to(-0.0001, 3).to_string(), "0");
+        assert_eq!(latency_step(1.0), 0.2);
+        assert_eq!(latency_step(440.0), 100.0);
+        assert_eq!(fmt_ms(0.456), "0.46 ms");
+        assert_eq!(fmt_ms(401.25), "401.2 ms");
+        assert_eq!(fmt_ms(2_500.0), "2.500s");
     }
 
     #[test]
@@ -2545,34 +4034,393 @@ stages:
             assert!(json["failure_detection_ms"].is_null());
             assert!(json["recovery_ms"].is_null());
         }
-        // The provisional probe shape matches the schema too.
-        let window = ProbeWindow {
-            samples: Some(100),
-            p50_ms: Some(1.5),
-            p95_ms: Some(4.0),
-            p99_ms: Some(9.25),
-            error_rate: Some(0.01),
-            throughput_rps: Some(250.0),
+        // Reports with probes, in every shape the figures take.
+        let mut never_recovered = probed(STEADY_AFTER);
+        if let Some(last) = never_recovered.probe_samples.last_mut() {
+            last.ok = false;
+            last.latency_ms = None;
+        }
+        let mut truncated = probed(STEADY_AFTER);
+        truncated.probe_samples_truncated = true;
+        let mut no_samples = probed(STEADY_AFTER);
+        no_samples.probe_samples.clear();
+        for run in [
+            probed(STEADY_AFTER),
+            probed("after 1s (not steady): api: not steady, 5 samples"),
+            never_recovered,
+            truncated,
+            no_samples,
+        ] {
+            let json = as_json(&build_report(&run));
+            let errors = errors_of(&json);
+            assert!(errors.is_empty(), "{errors:#?}\n{json:#}");
+            assert_eq!(json["probes"].as_array().unwrap().len(), 2, "{json:#}");
+            assert_eq!(json["report_version"], 2);
+        }
+    }
+
+    #[test]
+    fn the_hypothesis_tolerances_are_judged_over_the_faults_window() {
+        let with_tolerances = |tolerances: &str| {
+            let mut run = probed(STEADY_AFTER);
+            run.plan_yaml = PROBED_PLAN.replace(
+                "hypothesis: The api answers again once the db is back.",
+                &format!(
+                    "hypothesis:\n  text: The api answers again once the db is back.\n  tolerances:\n{tolerances}"
+                ),
+            );
+            build_report(&run)
         };
-        let mut report = build_report(&completed());
-        report.probes.push(ProbeReport {
-            name: "api".into(),
-            baseline: window.clone(),
-            during: ProbeWindow {
-                samples: None,
-                p50_ms: None,
-                p95_ms: None,
-                p99_ms: None,
-                error_rate: None,
-                throughput_rps: None,
-            },
-            after: window,
-            detection_ms: Some(800),
-            recovery_ms: None,
-            passed: Some(true),
+        // During the pause, api failed 90% of its samples at a p95 of 500 ms.
+        let report = with_tolerances(
+            "    - { probe: api, max_error_rate: 95% }\n    - { probe: api, max_p95: 300ms }\n",
+        );
+        assert_eq!(report.verdict, REFUTED);
+        let judged: Vec<(&str, &str, bool, Option<f64>)> = report
+            .tolerances
+            .iter()
+            .map(|t| {
+                (
+                    t.probe.as_str(),
+                    t.metric.as_str(),
+                    t.held,
+                    t.observed_value,
+                )
+            })
+            .collect();
+        assert_eq!(
+            judged,
+            vec![
+                ("api", "error_rate", true, Some(0.9)),
+                ("api", "p95", false, Some(500.0)),
+            ]
+        );
+        assert!(render_text(&report).contains("[BROKEN]"));
+        assert!(errors_of(&as_json(&report)).is_empty());
+
+        let report = with_tolerances("    - { probe: api, max_error_rate: 95% }\n");
+        assert_eq!(report.verdict, CONFIRMED);
+        assert!(report.tolerances.iter().all(|t| t.held));
+        assert!(render_markdown(&report).contains("Tolerance"));
+    }
+
+    #[test]
+    fn probes_are_judged_per_phase_with_detection_and_recovery_times() {
+        let report = build_report(&probed(STEADY_AFTER));
+        assert_eq!(report.verdict, CONFIRMED);
+        assert!(report.notes.is_empty(), "{:?}", report.notes);
+
+        let phases = &report.phases;
+        let span = |p: &Option<PhaseSpan>| {
+            p.as_ref()
+                .map(|p| (p.start.offset_ms, p.end.offset_ms, p.duration_ms))
+        };
+        assert_eq!(span(&phases.baseline), Some((0, 1_000, 1_000)));
+        assert_eq!(span(&phases.during), Some((1_040, 3_052, 2_012)));
+        assert_eq!(span(&phases.after), Some((3_052, 4_060, 1_008)));
+
+        // api fails 170 ms after the pause is applied; errors 560 ms after it.
+        assert_eq!(report.failure_detection_ms, Some(1_210 - 1_040));
+        // api is ok from 3210 (the first sample after the revert), errors from 3600.
+        assert_eq!(report.recovery_ms, Some(3_600 - 3_052));
+
+        let [api, errors] = &report.probes[..] else {
+            panic!("{:?}", report.probes)
+        };
+        assert_eq!(api.name, "api");
+        assert_eq!(api.kind.as_deref(), Some("tcp"));
+        assert_eq!(api.target.as_deref(), Some("127.0.0.1:5432"));
+        assert_eq!(api.interval_ms, Some(200));
+        let figures = |w: &ProbeWindow| (w.samples, w.errors, w.error_rate, w.p50_ms, w.p95_ms);
+        assert_eq!(
+            figures(&api.baseline),
+            (5, 0, Some(0.0), Some(1.0), Some(1.0))
+        );
+        assert_eq!(api.baseline.throughput_per_sec, Some(5.0));
+        // 1210..=3010: nine failures at 500 ms, then one ok sample.
+        assert_eq!(
+            figures(&api.during),
+            (10, 9, Some(0.9), Some(500.0), Some(500.0))
+        );
+        assert_eq!(figures(&api.after), (5, 0, Some(0.0), Some(1.0), Some(1.0)));
+        assert_eq!(api.total.samples, 21);
+        assert_eq!(api.during_vs_baseline.error_rate_pp, Some(90.0));
+        assert_eq!(api.during_vs_baseline.p95_ms, Some(499.0));
+        assert_eq!(api.after_vs_baseline.error_rate_pp, Some(0.0));
+        assert_eq!(api.after_vs_baseline.p95_ms, Some(0.0));
+        assert_eq!(api.detection_ms, Some(170));
+        assert_eq!(api.recovery_ms, Some(3_210 - 3_052));
+        assert_eq!(api.recovered.as_ref().unwrap().offset_ms, 3_210);
+        let first = api.first_failure.as_ref().unwrap();
+        assert_eq!(
+            (first.at.offset_ms, first.detail.as_deref()),
+            (1_210, Some("failed at 1210"))
+        );
+        assert_eq!(
+            (api.steady_before, api.steady_after),
+            (Some(true), Some(true))
+        );
+        assert_eq!(api.samples.len(), 21);
+        assert_eq!(api.samples[6].offset_ms, 1_210);
+        assert!(!api.samples[6].ok);
+        assert_eq!(api.samples[0].detail, None);
+
+        assert_eq!(errors.kind.as_deref(), Some("prometheus"));
+        assert_eq!(
+            errors.target.as_deref(),
+            Some("sum(errors) @ http://prom:9090")
+        );
+        assert_eq!(errors.detection_ms, Some(1_600 - 1_040));
+        assert_eq!(errors.recovery_ms, Some(3_600 - 3_052));
+        assert_eq!(
+            (
+                errors.baseline.value_min,
+                errors.baseline.value_mean,
+                errors.baseline.value_max
+            ),
+            (Some(0.0), Some(0.0), Some(0.0))
+        );
+        // 1100 (2), 1600, 2100, 2600 (9 each): mean 7.25.
+        assert_eq!(
+            (
+                errors.during.value_min,
+                errors.during.value_mean,
+                errors.during.value_max
+            ),
+            (Some(2.0), Some(7.25), Some(9.0))
+        );
+        assert_eq!(errors.during.error_rate, Some(0.75));
+        assert_eq!(errors.during_vs_baseline.error_rate_pp, Some(75.0));
+    }
+
+    #[test]
+    fn the_verdict_follows_the_checks_and_every_missing_figure_has_a_note() {
+        // The recovery check found the system not steady.
+        let report = build_report(&probed("after 1s (not steady): api: not steady, 5 samples"));
+        assert_eq!(report.verdict, REFUTED);
+        assert_eq!(report.probes[0].steady_after, Some(false));
+        assert_eq!(report.probes[1].steady_after, None);
+
+        // A stop condition fired (the run was aborted, no recovery check).
+        let mut stopped = probed(STEADY_AFTER);
+        stopped.events.retain(|e| e.kind != "recovery-check");
+        stopped.events.push(ev(
+            10,
+            2_000,
+            "stop-condition",
+            "",
+            "",
+            "",
+            "stop condition on probe api: error rate 100% > 50% over the last 1s",
+        ));
+        stopped.summary.as_mut().unwrap().state = "aborted".into();
+        let report = build_report(&stopped);
+        assert_eq!(report.verdict, REFUTED);
+        // Without a recovery check, the after phase runs to the run's end.
+        let after = report.phases.after.as_ref().unwrap();
+        assert_eq!((after.start.offset_ms, after.end.offset_ms), (3_052, 4_062));
+
+        // Halted before the recovery check: not evaluated, and the notes say why.
+        let mut halted = probed(STEADY_AFTER);
+        halted.events.retain(|e| e.kind != "recovery-check");
+        halted.summary.as_mut().unwrap().state = "halted".into();
+        let report = build_report(&halted);
+        assert_eq!(report.verdict, NOT_EVALUATED);
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("ended halted before its recovery check")),
+            "{:?}",
+            report.notes
+        );
+
+        // Not steady before injection: nothing applied, nothing to detect.
+        let mut not_steady = probed(STEADY_AFTER);
+        not_steady.events.retain(|e| {
+            matches!(
+                e.kind.as_str(),
+                "run-started" | "steady-state-check" | "run-finished"
+            )
         });
-        let errors = errors_of(&as_json(&report));
-        assert!(errors.is_empty(), "{errors:#?}");
+        not_steady.events[1].message =
+            "baseline 1s (not steady): api: not steady, 5 samples".into();
+        not_steady.summary.as_mut().unwrap().state = "aborted".into();
+        let report = build_report(&not_steady);
+        assert_eq!(report.verdict, NOT_EVALUATED);
+        assert_eq!(report.probes[0].steady_before, Some(false));
+        assert!(report.phases.during.is_none() && report.phases.after.is_none());
+        assert_eq!(report.failure_detection_ms, None);
+        assert_eq!(report.recovery_ms, None);
+        for needle in ["not steady before injection", "no fault was applied"] {
+            assert!(
+                report.notes.iter().any(|n| n.contains(needle)),
+                "{needle}: {:?}",
+                report.notes
+            );
+        }
+
+        // A probe still failing at the end: no recovery time.
+        let mut never = probed(STEADY_AFTER);
+        let last_api = never
+            .probe_samples
+            .iter_mut()
+            .rev()
+            .find(|s| s.probe == "api")
+            .unwrap();
+        last_api.ok = false;
+        let report = build_report(&never);
+        assert_eq!(report.recovery_ms, None);
+        assert_eq!(report.probes[0].recovery_ms, None);
+        assert_eq!(report.probes[1].recovery_ms, Some(548));
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("probe api was still failing at its last sample")),
+            "{:?}",
+            report.notes
+        );
+
+        // Probes that never failed: no detection time, and a note.
+        let mut healthy = probed(STEADY_AFTER);
+        for sample in &mut healthy.probe_samples {
+            sample.ok = true;
+        }
+        let report = build_report(&healthy);
+        assert_eq!(report.failure_detection_ms, None);
+        assert_eq!(report.recovery_ms, Some(3_210 - 3_052));
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("no probe failed while the faults were in force")),
+            "{:?}",
+            report.notes
+        );
+
+        // Truncated samples are noted.
+        let mut truncated = probed(STEADY_AFTER);
+        truncated.probe_samples_truncated = true;
+        let report = build_report(&truncated);
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("per-run sample limit")),
+            "{:?}",
+            report.notes
+        );
+
+        // A plan with probes but no stored samples.
+        let mut empty = probed(STEADY_AFTER);
+        empty.probe_samples.clear();
+        let report = build_report(&empty);
+        assert_eq!(report.probes.len(), 2);
+        assert_eq!(report.probes[0].during.samples, 0);
+        assert!(
+            report.notes.iter().any(|n| n.contains("stored no samples")),
+            "{:?}",
+            report.notes
+        );
+    }
+
+    #[test]
+    fn check_messages_parse() {
+        let check = parse_check(
+            "baseline 1m 30s (not steady): api: steady, 3 samples, 0 errors (0%); db: not \
+             steady, 3 samples, 3 errors (100%)",
+        )
+        .unwrap();
+        assert!(!check.steady);
+        assert_eq!(check.probes.get("api"), Some(&true));
+        assert_eq!(check.probes.get("db"), Some(&false));
+        assert!(
+            parse_check("after 1s (steady): api: steady, 1 samples")
+                .unwrap()
+                .steady
+        );
+        assert_eq!(parse_check("something else"), None);
+    }
+
+    #[test]
+    fn probes_render_in_text_markdown_and_html() {
+        let report = build_report(&probed(STEADY_AFTER));
+        let text = render_text(&report);
+        for needle in [
+            "verdict     confirmed",
+            "phases    baseline  +0.000s -> +1.000s (1.000s)",
+            "during    +1.040s -> +3.052s (2.012s)",
+            "failure detection time  170 ms",
+            "recovery time           548 ms",
+            "api (tcp 127.0.0.1:5432, every 200 ms)",
+            "during vs baseline  error rate +90.0 pp, p95 +499.0 ms",
+            "first failure       +1.210s: failed at 1210",
+            "detection 170 ms · recovery 158 ms (at +3.210s) · steady before: yes · steady after: yes",
+            "values during       2 / 7.25 / 9 (min / mean / max)",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in:\n{text}");
+        }
+        let during_row = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("during ") && l.contains("500.0 ms"))
+            .unwrap_or_else(|| panic!("no during row:\n{text}"));
+        assert!(during_row.contains("90%"), "{during_row}");
+
+        let md = render_markdown(&report);
+        for needle in [
+            "| Verdict | confirmed |",
+            "| during | +1.040s | +3.052s | 2.012s |",
+            "- Failure detection time: 170 ms",
+            "- Recovery time: 548 ms",
+            "### Probe api (tcp 127.0.0.1:5432, every 200 ms)",
+            "| during | 10 | 9 | 90% | 500.0 ms | 500.0 ms | 500.0 ms | 0.50/s | - |",
+            "| during | 4 | 3 | 75% | 3.00 ms | 3.00 ms | 3.00 ms | 0.50/s | 2 / 7.25 / 9 |",
+            "- During vs baseline: error rate +90.0 pp, p95 +499.0 ms",
+        ] {
+            assert!(md.contains(needle), "{needle:?} not in:\n{md}");
+        }
+
+        let html = render_html(&report);
+        assert_eq!(
+            html.matches("<svg").count(),
+            3,
+            "a timeline and one chart per probe"
+        );
+        assert_eq!(html.matches("class=\"probe-chart\"").count(), 2);
+        assert_eq!(html.matches("class=\"probe-fault-window\"").count(), 2);
+        // Nine failed api samples, four failed errors samples.
+        assert_eq!(html.matches("<g class=\"probe-failure\">").count(), 13);
+        assert_eq!(html.matches("<g class=\"probe-detected\">").count(), 2);
+        assert_eq!(html.matches("<g class=\"probe-recovered\">").count(), 2);
+        assert_eq!(html.matches("class=\"probe-ok\"").count(), 12 + 4);
+        assert!(html.contains("+1.210s failed after 500.0 ms: failed at 1210"));
+        assert!(html.contains("detected +170 ms"));
+        assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="));
+        assert!(html.contains("Failure detection time</th><td>170 ms"));
+    }
+
+    #[test]
+    fn a_chart_with_many_samples_draws_one_mark_per_pixel_column() {
+        let mut run = probed(STEADY_AFTER);
+        // 20 000 samples of one probe, every failing from 2000 to 2500.
+        run.probe_samples = (0..20_000)
+            .map(|i| {
+                let at = i64::from(i) / 5;
+                let failing = (2_000..2_500).contains(&at);
+                sample("api", at, !failing, 1.0 + f64::from(i % 7), None)
+            })
+            .collect();
+        let report = build_report(&run);
+        let svg = render_probe_svg(&report, &report.probes[0]);
+        let failures = svg.matches("<g class=\"probe-failure\">").count();
+        assert!((1..=200).contains(&failures), "{failures} failure marks");
+        assert_eq!(svg.matches("class=\"probe-ok\"").count(), 0);
+        assert!(
+            svg.matches("<polyline").count() >= 2,
+            "broken by the failures"
+        );
+        assert!(svg.len() < 200_000, "{} bytes", svg.len());
     }
 
     #[test]
@@ -2626,7 +4474,13 @@ stages:
             ),
             (
                 "wrong version",
-                Box::new(|v| v["report_version"] = 2.into()),
+                Box::new(|v| v["report_version"] = 1.into()),
+            ),
+            (
+                "missing phases",
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("phases");
+                }),
             ),
             (
                 "probe with figures of the wrong type",
@@ -2637,6 +4491,60 @@ stages:
             ),
         ];
         assert!(errors_of(&good).is_empty());
+        for (what, breakage) in breakages {
+            let mut broken = good.clone();
+            breakage(&mut broken);
+            assert!(!errors_of(&broken).is_empty(), "{what}: still valid");
+        }
+        // The same for a report with probes.
+        let good = as_json(&build_report(&probed(STEADY_AFTER)));
+        assert!(errors_of(&good).is_empty());
+        let breakages: Vec<(&str, Breakage)> = vec![
+            (
+                "p95 as text",
+                Box::new(|v| v["probes"][0]["during"]["p95_ms"] = "slow".into()),
+            ),
+            (
+                "negative sample count",
+                Box::new(|v| v["probes"][0]["baseline"]["samples"] = (-1).into()),
+            ),
+            (
+                "error rate above 1",
+                Box::new(|v| v["probes"][0]["during"]["error_rate"] = 1.5.into()),
+            ),
+            (
+                "fractional detection",
+                Box::new(|v| v["failure_detection_ms"] = 1.5.into()),
+            ),
+            (
+                "delta missing",
+                Box::new(|v| {
+                    v["probes"][0]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("during_vs_baseline");
+                }),
+            ),
+            (
+                "sample without ok",
+                Box::new(|v| {
+                    v["probes"][0]["samples"][0]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("ok");
+                }),
+            ),
+            (
+                "phase without end",
+                Box::new(|v| {
+                    v["phases"]["during"].as_object_mut().unwrap().remove("end");
+                }),
+            ),
+            (
+                "unknown probe field",
+                Box::new(|v| v["probes"][0]["colour"] = "red".into()),
+            ),
+        ];
         for (what, breakage) in breakages {
             let mut broken = good.clone();
             breakage(&mut broken);

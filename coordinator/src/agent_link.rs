@@ -144,6 +144,12 @@ impl pb::agent_link_server::AgentLink for AgentLinkService {
                         })
                         .await;
                     }
+                    Ok(pb::AgentMessage {
+                        body: Some(pb::agent_message::Body::ProbeResult(result)),
+                    }) => hub.probe_result(name.clone(), result).await,
+                    Ok(pb::AgentMessage {
+                        body: Some(pb::agent_message::Body::DryRunResult(result)),
+                    }) => hub.dry_run_result(name.clone(), result).await,
                     Ok(_) => tracing::warn!(agent = %name, "ignoring unexpected agent message"),
                     Err(status) => {
                         tracing::info!(agent = %name, %status, "agent stream ended with error");

@@ -46,6 +46,11 @@ pub async fn halt_all(
         unconfirmed,
     } = revert_tracked(hub, None, "halt").await;
     let latency = started.elapsed();
+    crate::metrics::REGISTRY.observe(
+        "faultline_halt_duration_seconds",
+        &[],
+        latency.as_secs_f64(),
+    );
     for run_id in &runs_aborted {
         let message = format!(
             "halt-all ({reason}): {faults_reverted} fault(s) reverted in {} ms{}",

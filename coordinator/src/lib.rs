@@ -2,18 +2,24 @@
 //! leases), and sends signed fault commands to host agents over mTLS gRPC.
 //!
 //! Layout: [`agent_link`] and [`operator`] are thin gRPC edges; [`hub`] is the one actor that
-//! owns live state; [`runner`] drives a run; [`store`] is the embedded SQLite database.
+//! owns live state; [`runner`] drives a run; [`store`] is the embedded SQLite database;
+//! [`telemetry`] subscribes agents to a run's kernel telemetry and stores what they stream.
 
 pub mod agent_link;
 pub mod audit;
 pub mod clock;
 pub mod halt;
 pub mod hub;
+pub mod load;
+pub mod metrics;
+pub mod metrics_registry;
+pub mod observability;
 pub mod operator;
 pub mod probe;
 pub mod runner;
 pub mod steady;
 pub mod store;
+pub mod telemetry;
 pub mod wire;
 
 use std::future::Future;
@@ -158,6 +164,9 @@ pub async fn serve(
         auditor: auditor.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
+    let telemetry = telemetry::TelemetryService {
+        auditor: auditor.clone(),
+    };
     let operator = operator::OperatorService {
         hub,
         auditor,
@@ -171,6 +180,9 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(pb::agent_link_server::AgentLinkServer::new(agent_link))
         .add_service(pb::operator_server::OperatorServer::new(operator))
+        .add_service(pb::agent_telemetry_server::AgentTelemetryServer::new(
+            telemetry,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

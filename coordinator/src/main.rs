@@ -26,31 +26,45 @@ struct Args {
     /// target). The stricter limit wins. Read once at start; an invalid file stops the start.
     #[arg(long, env = "FAULTLINE_POLICY")]
     policy: Option<PathBuf>,
+    /// Plain-HTTP listener for Prometheus (`GET /metrics`); `off` disables it, port 0 picks a
+    /// free port (logged as `metrics listening on http://ADDR/metrics`). Keep it on loopback
+    /// or a trusted network: it has no authentication.
+    #[arg(
+        long,
+        env = "FAULTLINE_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    metrics_listen: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,h2=warn,tower=warn,hyper=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let tracing_guard = faultline_coordinator::observability::init_tracing(
+        "faultline-coordinator",
+        "info,h2=warn,tower=warn,hyper=warn",
+    );
     let args = Args::parse();
+    faultline_coordinator::metrics::preset();
+    faultline_coordinator::metrics::start(
+        &faultline_coordinator::metrics::REGISTRY,
+        &args.metrics_listen,
+    )
+    .await;
     let config = CoordinatorConfig {
         listen: args.listen,
         certs: args.certs,
         db: args.db,
         policy: args.policy,
     };
-    serve(
+    let served = serve(
         config,
         |addr| println!("faultline-coordinator listening on {addr}"),
         shutdown_signal(),
     )
     .await
-    .context("coordinator failed")
+    .context("coordinator failed");
+    tracing_guard.shutdown();
+    served
 }
 
 async fn shutdown_signal() {

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use faultline_domain::interlock::{self, HaltState, Refusal};
 use faultline_domain::plan::{PlanError, Policy, parse_plan, render_errors};
@@ -17,6 +18,7 @@ use faultline_domain::preflight::{self, FAULT_CAPABILITY_PREFIX, FaultSupport, F
 use faultline_proto::v1 as pb;
 use faultline_tls::identity::{PeerIdentity, Role, peer_identity};
 use futures::Stream;
+use prost::Message as _;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -26,7 +28,10 @@ use crate::clock::now_ms;
 use crate::halt;
 use crate::hub::{AgentSession, HubHandle, LockError};
 use crate::runner::{self, RunContext, RunEvents};
-use crate::store::{RunEventRecord, RunRecord, RunState, Store, StoreError};
+use crate::store::{
+    MAX_PROBE_SAMPLES_PER_RUN, ProbeSampleRecord, RunEventRecord, RunRecord, RunState, Store,
+    StoreError,
+};
 
 /// The Operator service.
 #[derive(Debug, Clone)]
@@ -76,6 +81,47 @@ fn event_to_wire(
             .map(|s| s.as_str().to_string())
             .unwrap_or_default(),
     }
+}
+
+/// How long a dry run waits for each agent's answer.
+const DRY_RUN_WAIT: Duration = Duration::from_secs(10);
+
+/// The size a `GetRun` answer keeps within, well under a gRPC client's default 4 MiB limit.
+const GET_RUN_BUDGET: usize = 3 << 20;
+
+/// A run's samples for a `GetRun` answer whose other fields take `used` bytes. Details of ok
+/// samples are left out (they restate the latency); those of failed samples are sent, oldest
+/// first, while the answer stays within [`GET_RUN_BUDGET`].
+fn samples_to_wire(samples: Vec<ProbeSampleRecord>, used: usize) -> Vec<pb::ProbeSampleRecord> {
+    let mut details = Vec::with_capacity(samples.len());
+    let mut wire: Vec<pb::ProbeSampleRecord> = samples
+        .into_iter()
+        .map(|sample| {
+            details.push((!sample.ok).then_some(sample.detail));
+            pb::ProbeSampleRecord {
+                probe: sample.probe,
+                at_unix_ms: sample.at_ms,
+                ok: sample.ok,
+                latency_ms: sample.latency_ms,
+                value: sample.value,
+                detail: String::new(),
+            }
+        })
+        .collect();
+    // Each sample also costs a field tag and a length prefix (at most 4 bytes together here).
+    let bare: usize = wire.iter().map(|w| w.encoded_len() + 4).sum();
+    let mut budget = GET_RUN_BUDGET.saturating_sub(used.saturating_add(bare));
+    for (record, detail) in wire.iter_mut().zip(details) {
+        // A detail costs its bytes, a tag and a length prefix.
+        match detail {
+            Some(detail) if detail.len() + 3 <= budget => {
+                budget -= detail.len() + 3;
+                record.detail = detail;
+            }
+            _ => {}
+        }
+    }
+    wire
 }
 
 fn summary_to_wire(run: &RunRecord) -> pb::RunSummary {
@@ -241,6 +287,106 @@ impl OperatorService {
         Ok(pb::StartRunResponse { run_id })
     }
 
+    /// Everything [`Self::start`] checks, without starting anything, then each fault resolved
+    /// and prepared by its agent. Refusals are listed, not returned as errors, so that the
+    /// operator sees every problem and every fault at once.
+    async fn dry_run(
+        &self,
+        actor: &str,
+        request: pb::StartRunRequest,
+    ) -> Result<pb::DryRunResponse, Status> {
+        let plan = match parse_plan(&request.plan_yaml) {
+            Ok(plan) => plan,
+            Err(errors) => {
+                let rendered = render_errors(&request.source_name, &errors);
+                return Err(Status::invalid_argument(format!(
+                    "invalid plan:\n{rendered}"
+                )));
+            }
+        };
+        let mut refusals = Vec::new();
+        if let Err(status) = self.admit_start(actor).await {
+            refusals.push(status.message().to_string());
+        }
+        let sessions = self.hub.sessions().await;
+        let fleet = fleet_support(&sessions);
+        refusals.extend(
+            preflight::check_plan(&plan, &fleet)
+                .iter()
+                .map(|problem| format!("pre-flight: {problem}")),
+        );
+        if let Err(refusal) = interlock::admit_plan(&plan, &self.policy, sessions.len()) {
+            refusals.push(refusal.to_string());
+        }
+        // Taking the locks under a throwaway id and releasing them at once is the lock check.
+        let probe_id = format!("dry-run-{}", uuid::Uuid::now_v7());
+        match self.hub.lock_targets(&probe_id, &plan).await {
+            Ok(()) => self.hub.unregister_run(&probe_id).await,
+            Err(LockError::Conflicts(conflicts)) => {
+                refusals.push(Refusal::from(conflicts).to_string());
+            }
+            Err(LockError::HubGone) => {
+                return Err(Status::unavailable("coordinator is shutting down"));
+            }
+        }
+        let connected: Vec<&str> = sessions.iter().map(|s| s.name.as_str()).collect();
+        let connected = &connected;
+        let asks = plan.stages.iter().flat_map(|stage| {
+            stage.faults.iter().enumerate().map(move |(index, fault)| {
+                let fault_id = format!("dry-run/{}/{index}", stage.name);
+                let connected = connected.contains(&fault.agent.as_str());
+                async move {
+                    let duration_ms =
+                        u64::try_from(fault.spec.duration.as_millis()).unwrap_or(u64::MAX);
+                    let result = if connected {
+                        let ask = pb::DryRunFault {
+                            fault_id: fault_id.clone(),
+                            fault: Some(crate::wire::fault_to_wire(&fault.spec)),
+                            duration_ms,
+                        };
+                        match self.hub.dry_run(&fault.agent, ask, DRY_RUN_WAIT).await {
+                            Ok(result) => result,
+                            Err(err) => pb::DryRunResult {
+                                fault_id,
+                                error: err.to_string(),
+                                ..Default::default()
+                            },
+                        }
+                    } else {
+                        pb::DryRunResult {
+                            fault_id,
+                            error: format!("agent {} not connected", fault.agent),
+                            ..Default::default()
+                        }
+                    };
+                    pb::DryRunFaultReport {
+                        stage: stage.name.clone(),
+                        index: u32::try_from(index).unwrap_or(u32::MAX),
+                        agent: fault.agent.clone(),
+                        kind: fault.spec.kind.name().to_string(),
+                        target: fault.spec.target.to_string(),
+                        duration_ms,
+                        result: Some(result),
+                    }
+                }
+            })
+        });
+        let faults = futures::future::join_all(asks).await;
+        let detail = format!(
+            "{} ({}): {} refusal(s), {} fault(s)",
+            plan.title,
+            request.source_name,
+            refusals.len(),
+            faults.len()
+        );
+        self.auditor.ok(actor, "dry-run", &detail).await;
+        Ok(pb::DryRunResponse {
+            title: plan.title,
+            refusals,
+            faults,
+        })
+    }
+
     /// The halt switch through [`interlock::admit_start`].
     async fn admit_start(&self, actor: &str) -> Result<(), Status> {
         let halt = self.store().halt_state().await.map_err(internal)?;
@@ -352,6 +498,17 @@ impl pb::operator_server::Operator for OperatorService {
         let identity = self.authorize(&request, "start-run").await?;
         let response = self
             .start(&identity.to_string(), request.into_inner())
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn dry_run(
+        &self,
+        request: Request<pb::StartRunRequest>,
+    ) -> Result<Response<pb::DryRunResponse>, Status> {
+        let identity = self.authorize(&request, "dry-run").await?;
+        let response = self
+            .dry_run(&identity.to_string(), request.into_inner())
             .await?;
         Ok(Response::new(response))
     }
@@ -488,7 +645,12 @@ impl pb::operator_server::Operator for OperatorService {
         let Some((run, events)) = self.store().get_run(&run_id).await.map_err(internal)? else {
             return Err(Status::not_found(format!("no run {run_id}")));
         };
-        Ok(Response::new(pb::RunDetail {
+        let samples = self
+            .store()
+            .probe_samples(&run.id, MAX_PROBE_SAMPLES_PER_RUN)
+            .await
+            .map_err(internal)?;
+        let mut detail = pb::RunDetail {
             summary: Some(summary_to_wire(&run)),
             plan_yaml: run.plan_yaml.clone(),
             events: events
@@ -496,7 +658,47 @@ impl pb::operator_server::Operator for OperatorService {
                 .map(|e| event_to_wire(&run.id, e, None))
                 .collect(),
             reason: run.reason.clone(),
-        }))
+            probe_samples: Vec::new(),
+            probe_samples_truncated: samples.len() >= MAX_PROBE_SAMPLES_PER_RUN,
+            // Before the samples: they fill what the answer's budget leaves.
+            telemetry: crate::telemetry::run_telemetry(
+                self.store(),
+                &run.id,
+                0,
+                crate::telemetry::GET_RUN_BUDGET,
+            )
+            .await
+            .map_err(internal)?,
+        };
+        detail.probe_samples = samples_to_wire(samples, detail.encoded_len());
+        Ok(Response::new(detail))
+    }
+
+    async fn get_telemetry(
+        &self,
+        request: Request<pb::GetTelemetryRequest>,
+    ) -> Result<Response<pb::RunTelemetry>, Status> {
+        self.authorize(&request, "get-telemetry").await?;
+        let request = request.into_inner();
+        let Some(run) = self
+            .store()
+            .run_record(&request.run_id)
+            .await
+            .map_err(internal)?
+        else {
+            return Err(Status::not_found(format!("no run {}", request.run_id)));
+        };
+        let mut telemetry = crate::telemetry::run_telemetry(
+            self.store(),
+            &run.id,
+            request.since_unix_ms,
+            crate::telemetry::QUERY_BUDGET,
+        )
+        .await
+        .map_err(internal)?
+        .unwrap_or_default();
+        telemetry.run_state = run.state;
+        Ok(Response::new(telemetry))
     }
 
     async fn list_audit(
@@ -765,5 +967,45 @@ mod tests {
              on agent a is being faulted by run r1\n  halt-all is engaged (r); release it with \
              `faultline halt --release` first"
         );
+    }
+
+    #[test]
+    fn get_run_samples_leave_out_ok_details_and_stay_within_the_budget() {
+        let sample = |ok: bool, detail: &str| ProbeSampleRecord {
+            probe: "api".into(),
+            at_ms: 1,
+            ok,
+            latency_ms: Some(1.5),
+            value: None,
+            detail: detail.into(),
+        };
+        let wire = samples_to_wire(
+            vec![sample(true, "HTTP 200 in 1ms"), sample(false, "timed out")],
+            100,
+        );
+        assert_eq!(wire[0].detail, "");
+        assert_eq!(wire[1].detail, "timed out");
+        assert_eq!((wire[1].latency_ms, wire[1].ok), (Some(1.5), false));
+
+        // A run at its limit, with the longest names and details: every sample is sent, the
+        // details while they fit.
+        let many: Vec<ProbeSampleRecord> = (0..MAX_PROBE_SAMPLES_PER_RUN)
+            .map(|_| ProbeSampleRecord {
+                probe: "p".repeat(64),
+                detail: "d".repeat(crate::store::MAX_PROBE_DETAIL_LEN),
+                ..sample(false, "")
+            })
+            .collect();
+        let used = 10_000;
+        let detail = pb::RunDetail {
+            probe_samples: samples_to_wire(many, used),
+            ..Default::default()
+        };
+        assert_eq!(detail.probe_samples.len(), MAX_PROBE_SAMPLES_PER_RUN);
+        let size = detail.encoded_len();
+        assert!(size + used <= GET_RUN_BUDGET, "{size} bytes");
+        let last = &detail.probe_samples[MAX_PROBE_SAMPLES_PER_RUN - 1];
+        assert!(!detail.probe_samples[0].detail.is_empty());
+        assert!(last.detail.is_empty());
     }
 }

@@ -13,7 +13,14 @@
 //! * `prometheus`: `GET {url}/api/v1/query?query=...`; the value of the first sample of an
 //!   instant vector, or of a scalar. Series order is Prometheus's, so a query should return a
 //!   single series (aggregate with `sum`, `max`, ...).
-//! * `command`: needs agent support that does not exist yet; every attempt fails saying so.
+//! * `command`: the named agent runs `argv` on its host (see `faultline_agent::probe`): the
+//!   request goes out through the hub as a signed command ([`HubHandle::probe`]) and the
+//!   agent's `ProbeResult` comes back. The agent kills the program at the probe's time-out (a
+//!   `timed out` sample); the coordinator waits that long plus
+//!   [`PROBE_ANSWER_GRACE`](crate::hub::PROBE_ANSWER_GRACE) for the answer. `stdout_contains`
+//!   looks at the first 4 KiB of stdout, which is all the agent sends. An agent that is not
+//!   connected, refuses the request or cannot run the program yields a failed sample saying
+//!   so. The latency is the whole round trip, as for the other kinds.
 //!
 //! [`ProbeScheduler`] runs a set of probes at their intervals and streams the samples.
 
@@ -31,12 +38,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::clock;
+use crate::hub::HubHandle;
 
 /// Most bytes of a response body a probe reads (for `body_contains` and Prometheus answers).
 pub const BODY_LIMIT: usize = 1 << 20;
 
-/// What a command probe says until agents can run commands.
-pub const COMMAND_UNSUPPORTED: &str = "command probes need agent support (not implemented yet)";
+/// What a command probe says when the runner has no way to reach agents.
+pub const COMMAND_WITHOUT_HUB: &str =
+    "command probes run on agents, and this probe runner is not connected to any";
 
 /// Setting up the probe runner failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +60,8 @@ pub enum ProbeRunnerError {
 #[derive(Debug, Clone)]
 pub struct ProbeRunner {
     http: reqwest::Client,
+    /// How `command` probes reach their agents; without it they fail.
+    hub: Option<HubHandle>,
 }
 
 impl ProbeRunner {
@@ -100,22 +111,19 @@ impl ProbeRunner {
             .pool_max_idle_per_host(0)
             .user_agent(concat!("faultline-probe/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(ProbeRunner { http })
+        Ok(ProbeRunner { http, hub: None })
+    }
+
+    /// This runner, sending `command` probes to their agents through `hub`.
+    pub fn with_hub(mut self, hub: HubHandle) -> Self {
+        self.hub = Some(hub);
+        self
     }
 
     /// One attempt of `spec`, judged against its tolerance. Never fails: every problem is a
     /// sample with `ok: false`.
     pub async fn run(&self, spec: &ProbeSpec) -> ProbeSample {
         let at_ms = clock::now_ms();
-        if let ProbeKind::Command { .. } = spec.kind {
-            return ProbeSample {
-                at_ms,
-                ok: false,
-                latency: None,
-                value: None,
-                detail: COMMAND_UNSUPPORTED.into(),
-            };
-        }
         let started = Instant::now();
         let attempt = async {
             match &spec.kind {
@@ -128,15 +136,22 @@ impl ProbeRunner {
                 } => self.http(url, method, headers, body.as_deref()).await,
                 ProbeKind::Tcp { address, .. } => tcp(address).await,
                 ProbeKind::Prometheus { url, query, .. } => self.prometheus(url, query).await,
-                ProbeKind::Command { .. } => Outcome::Failed(COMMAND_UNSUPPORTED.into()),
+                ProbeKind::Command { agent, argv, .. } => {
+                    self.command(agent, argv, spec.timeout).await
+                }
             }
         };
-        let outcome =
+        let outcome = if let ProbeKind::Command { .. } = spec.kind {
+            // The agent kills the program at the time-out and says so; the hub waits that
+            // long plus a grace for the answer.
+            attempt.await
+        } else {
             tokio::time::timeout(spec.timeout, attempt)
                 .await
                 .unwrap_or(Outcome::TimedOut {
                     after: spec.timeout,
-                });
+                })
+        };
         let observation = Observation {
             at_ms,
             latency: Some(started.elapsed()),
@@ -177,6 +192,16 @@ impl ProbeRunner {
                 "HTTP {status}, reading the body: {}",
                 describe(&error)
             )),
+        }
+    }
+
+    async fn command(&self, agent: &str, argv: &[String], timeout: Duration) -> Outcome {
+        let Some(hub) = &self.hub else {
+            return Outcome::Failed(COMMAND_WITHOUT_HUB.into());
+        };
+        match hub.probe(agent, argv.to_vec(), timeout).await {
+            Ok(result) => command_outcome(agent, &result, timeout),
+            Err(error) => Outcome::Failed(error.to_string()),
         }
     }
 
@@ -221,6 +246,36 @@ pub async fn run_probe(spec: &ProbeSpec) -> ProbeSample {
             value: None,
             detail: error.to_string(),
         },
+    }
+}
+
+/// What an agent's answer to a command probe amounts to.
+pub fn command_outcome(
+    agent: &str,
+    result: &faultline_proto::v1::ProbeResult,
+    timeout: Duration,
+) -> Outcome {
+    let stderr = result.stderr_tail.trim();
+    let stderr = if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(" (stderr: {stderr})")
+    };
+    if !result.error.is_empty() {
+        return Outcome::Failed(format!("agent {agent}: {}", result.error));
+    }
+    if result.timed_out {
+        return Outcome::TimedOut { after: timeout };
+    }
+    match (result.exit_code, result.signal) {
+        (Some(code), _) => Outcome::Exited {
+            code,
+            stdout: result.stdout.clone(),
+        },
+        (None, Some(signal)) => Outcome::Failed(format!("killed by signal {signal}{stderr}")),
+        (None, None) => Outcome::Failed(format!(
+            "agent {agent} answered without an exit code or signal"
+        )),
     }
 }
 
@@ -675,7 +730,158 @@ mod tests {
         };
         let sample = run_probe(&spec("cmd", command, 1000)).await;
         assert!(!sample.ok);
-        assert_eq!(sample.detail, COMMAND_UNSUPPORTED);
+        assert_eq!(sample.detail, COMMAND_WITHOUT_HUB);
+    }
+
+    /// A connected fake agent `agent-1` on `hub` that checks each probe command's signature
+    /// and answers by argv[0]: `ok`, `bad`, `refuse`, `slow`, `killed`; anything else is not
+    /// answered. Returns the argv of every request it saw.
+    async fn fake_agent(
+        hub: &HubHandle,
+        key: ed25519_dalek::VerifyingKey,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<Vec<String>> {
+        use faultline_proto::v1 as pb;
+        use prost::Message;
+
+        let (outbound, mut inbound) = mpsc::channel(16);
+        let session = crate::hub::AgentSession {
+            name: "agent-1".into(),
+            version: "test".into(),
+            host: None,
+            capabilities: Vec::new(),
+            peer_address: String::new(),
+            connected_at_ms: 0,
+            last_seen_ms: 0,
+            active_faults: 0,
+        };
+        hub.connected(session, outbound, 1).await;
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = inbound.recv().await {
+                let Some(pb::coordinator_message::Body::Command(signed)) = message.body else {
+                    continue;
+                };
+                faultline_domain::command::verify_signature(
+                    &key,
+                    &signed.command,
+                    &signed.signature,
+                )
+                .unwrap();
+                let command = pb::Command::decode(signed.command.as_slice()).unwrap();
+                assert_eq!(command.target_agent, "agent-1");
+                let Some(pb::command::Action::Probe(probe)) = command.action else {
+                    panic!("not a probe: {command:?}");
+                };
+                let _ = seen_tx.send(probe.argv.clone());
+                let mut result = pb::ProbeResult {
+                    request_id: command.command_id.clone(),
+                    ..Default::default()
+                };
+                match probe.argv[0].as_str() {
+                    "ok" => {
+                        result.exit_code = Some(0);
+                        result.stdout = "broker is running".into();
+                    }
+                    "bad" => {
+                        result.exit_code = Some(2);
+                        result.stdout = "stopped".into();
+                    }
+                    "refuse" => result.error = "refused: empty argv".into(),
+                    "slow" => {
+                        result.timed_out = true;
+                        result.signal = Some(9);
+                    }
+                    "killed" => {
+                        result.signal = Some(15);
+                        result.stderr_tail = "terminated\n".into();
+                    }
+                    _ => continue,
+                }
+                hub.probe_result("agent-1".into(), result).await;
+            }
+        });
+        seen
+    }
+
+    #[tokio::test]
+    async fn command_probes_go_to_their_agent_and_are_judged_on_its_answer() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let hub = HubHandle::spawn(key.clone(), crate::store::Store::open_in_memory().unwrap());
+        let mut seen = fake_agent(&hub, key.verifying_key()).await;
+        let runner = ProbeRunner::new().unwrap().with_hub(hub);
+        let command = |agent: &str, program: &str| ProbeKind::Command {
+            agent: agent.into(),
+            argv: vec![program.into(), "status".into()],
+            expect_exit: 0,
+            stdout_contains: Some("running".into()),
+        };
+        // (agent, argv[0], ok, detail or its prefix)
+        let cases: &[(&str, &str, bool, &str)] = &[
+            ("agent-1", "ok", true, "exit 0 in "),
+            ("agent-1", "bad", false, "exit 2 in "),
+            (
+                "agent-1",
+                "refuse",
+                false,
+                "agent agent-1: refused: empty argv",
+            ),
+            ("agent-1", "slow", false, "timed out after 2s"),
+            (
+                "agent-1",
+                "killed",
+                false,
+                "killed by signal 15 (stderr: terminated)",
+            ),
+            ("agent-9", "ok", false, "agent agent-9 not connected"),
+        ];
+        for (agent, program, ok, detail) in cases {
+            let sample = runner
+                .run(&spec("cmd", command(agent, program), 1000))
+                .await;
+            assert_eq!(sample.ok, *ok, "{program}: {}", sample.detail);
+            assert!(
+                sample.detail.starts_with(detail),
+                "{program}: {}",
+                sample.detail
+            );
+            assert!(sample.latency.is_some());
+        }
+        let bad = runner
+            .run(&spec("cmd", command("agent-1", "bad"), 1000))
+            .await;
+        assert!(
+            bad.detail
+                .ends_with("exit code 2, expected 0; stdout does not contain \"running\""),
+            "{}",
+            bad.detail
+        );
+        // Every attempt on a connected agent reached it, with its argv.
+        let mut argvs = Vec::new();
+        while let Ok(argv) = seen.try_recv() {
+            argvs.push(argv[0].clone());
+            assert_eq!(argv[1], "status");
+        }
+        assert_eq!(argvs, ["ok", "bad", "refuse", "slow", "killed", "bad"]);
+
+        // An agent that never answers: the sample fails after the time-out plus the grace.
+        let started = Instant::now();
+        let silent = ProbeSpec {
+            timeout: Duration::from_millis(100),
+            ..spec("cmd", command("agent-1", "silent"), 1000)
+        };
+        let sample = runner.run(&silent).await;
+        assert!(!sample.ok);
+        assert_eq!(
+            sample.detail, "no answer from agent agent-1 within 2.1s",
+            "{}",
+            sample.detail
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(2100) && took < Duration::from_secs(4),
+            "{took:?}"
+        );
     }
 
     #[tokio::test]

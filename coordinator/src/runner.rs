@@ -4,21 +4,36 @@
 //!
 //! The run task never owns a fault's safety: if it dies, the coordinator dies or a halt cancels
 //! it, the agents' leases and the halt path revert what was applied.
+//!
+//! A stage with `when` waits, after its delay, until its condition holds on the probe's
+//! samples (`stage-waiting`, then `stage-triggered` with the figure seen); a halt or a stop
+//! condition ends the wait, and so does its timeout, which aborts the run (the stages before
+//! it have already reverted their faults). A plan's `load` runs from the start of the
+//! baseline to the end of the recovery check (`load-started`, `load-finished` with figures
+//! per phase).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use faultline_domain::duration::format_duration;
 use std::sync::Mutex;
 
-use faultline_domain::plan::{Plan, PlannedFault, SteadyState, stop_condition_fired};
-use faultline_domain::probe::Window;
+use faultline_domain::plan::{
+    Condition, ConditionCheck, Plan, PlannedFault, Stage, StageTrigger, SteadyState,
+    check_condition, stop_condition_fired,
+};
+use faultline_domain::probe::{ProbeSample, Window};
 use faultline_proto::v1 as pb;
-use tokio::sync::{broadcast, watch};
+use futures::stream::{FuturesUnordered, StreamExt as _};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use crate::clock::now_ms;
 use crate::halt::{RunRevert, revert_run};
 use crate::hub::{AgentReport, HubHandle};
+use crate::load::{LoadGenerator, causes, load_stats};
 use crate::steady::ProbeSession;
 use crate::store::{RunEventRecord, RunState, Store, StoreError};
 use crate::wire::fault_to_wire;
@@ -29,6 +44,8 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(20);
 const REVERT_GRACE: Duration = Duration::from_secs(10);
 /// How often the stop conditions are evaluated during the stages.
 const STOP_CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How often a stage's `when` condition is evaluated while it waits.
+const TRIGGER_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// A stored run event, broadcast to watchers.
 #[derive(Debug, Clone)]
@@ -110,10 +127,40 @@ pub async fn execute(
     plan: Plan,
     mut cancel: watch::Receiver<Option<String>>,
 ) {
-    let (state, reason) = match drive(&ctx, &run_id, &plan, &mut cancel).await {
+    let telemetry = crate::telemetry::TelemetrySubscription::start(&ctx.hub, &run_id, &plan).await;
+    let run_span = tracing::info_span!(
+        target: crate::observability::OTEL_TARGET,
+        "faultline.run",
+        faultline.run.id = %run_id,
+        faultline.plan.title = %plan.title,
+        faultline.plan.stages = plan.stages.len() as u64,
+        faultline.plan.faults = plan.total_faults() as u64,
+        faultline.run.state = tracing::field::Empty,
+        faultline.run.reason = tracing::field::Empty,
+    );
+    let active_run = crate::metrics::ActiveRun::new();
+    let driven = drive(&ctx, &run_id, &plan, &mut cancel)
+        .instrument(run_span.clone())
+        .await;
+    let (state, reason) = match driven {
         Ok((state, reason)) => (state, reason),
         Err(err) => (RunState::Failed, format!("coordinator store failed: {err}")),
     };
+    run_span.record("faultline.run.state", state.as_str());
+    run_span.record("faultline.run.reason", reason.as_str());
+    if state == RunState::Halted {
+        run_span.in_scope(|| {
+            tracing::info!(
+                target: crate::observability::OTEL_TARGET,
+                reason = reason.as_str(),
+                "faultline.halt"
+            );
+        });
+    }
+    drop(run_span);
+    drop(active_run);
+    crate::metrics::REGISTRY.add("faultline_runs_total", &[state.as_str()], 1.0);
+    telemetry.stop(&ctx.hub).await;
     // Release the run's target locks first, so that whoever sees the run end may start the
     // next run on the same targets at once: its faults are reverted (or left to their leases).
     ctx.hub.unregister_run(&run_id).await;
@@ -172,18 +219,114 @@ async fn drive(
     }
 
     let Some(steady) = &plan.steady_state else {
-        return run_stages(ctx, run_id, plan, cancel).await;
+        let load = match start_load(ctx, run_id, plan).await? {
+            Ok(load) => load,
+            Err(reason) => return Ok((RunState::Failed, reason)),
+        };
+        let started = now_ms();
+        let result = run_stages(ctx, run_id, plan, None, cancel).await;
+        let phases = Phases {
+            faults: Some(Window::new(started, now_ms() + 1)),
+            ..Phases::default()
+        };
+        finish_load(ctx, run_id, load, &phases).await;
+        return result;
     };
-    let probes = match ProbeSession::start(steady) {
+    let probes = match ProbeSession::start(steady, ctx.hub.clone(), ctx.store.clone(), run_id) {
         Ok(probes) => probes,
         Err(err) => {
             let reason = format!("could not start the probes: {err}; nothing was applied");
             return Ok((RunState::Failed, reason));
         }
     };
-    let result = drive_with_probes(ctx, run_id, plan, steady, &probes, cancel).await;
+    let load = match start_load(ctx, run_id, plan).await {
+        Ok(Ok(load)) => load,
+        Ok(Err(reason)) => {
+            probes.stop().await;
+            return Ok((RunState::Failed, reason));
+        }
+        Err(err) => {
+            probes.stop().await;
+            return Err(err);
+        }
+    };
+    let mut phases = Phases::default();
+    let result = drive_with_probes(ctx, run_id, plan, steady, &probes, cancel, &mut phases).await;
     probes.stop().await;
+    finish_load(ctx, run_id, load, &phases).await;
     result
+}
+
+/// When the baseline, the stages and the recovery check ran, for the load's figures.
+#[derive(Debug, Default)]
+struct Phases {
+    baseline: Option<Window>,
+    faults: Option<Window>,
+    recovery: Option<Window>,
+}
+
+/// Starts the plan's load, if it has one: `Ok(Err(reason))` when it cannot start.
+async fn start_load(
+    ctx: &RunContext,
+    run_id: &str,
+    plan: &Plan,
+) -> Result<Result<Option<LoadGenerator>, String>, StoreError> {
+    let Some(spec) = &plan.load else {
+        return Ok(Ok(None));
+    };
+    match LoadGenerator::start(spec) {
+        Ok(load) => {
+            let message = format!(
+                "{} {} at {} (open loop, at most {} in flight, timeout {})",
+                spec.method,
+                spec.url,
+                spec.rate,
+                spec.max_in_flight,
+                format_duration(spec.timeout)
+            );
+            ctx.events
+                .emit(run_id, event("load-started", "", "", "", message), None)
+                .await?;
+            Ok(Ok(Some(load)))
+        }
+        Err(err) => Ok(Err(format!(
+            "could not start the load generator: {err}; nothing was applied"
+        ))),
+    }
+}
+
+/// Stops the load and records its figures, in total and per phase.
+async fn finish_load(ctx: &RunContext, run_id: &str, load: Option<LoadGenerator>, phases: &Phases) {
+    let Some(load) = load else {
+        return;
+    };
+    let records = load.stop().await;
+    let mut message = load_stats(&records, None).describe();
+    for (name, window) in [
+        ("baseline", phases.baseline),
+        ("faults", phases.faults),
+        ("recovery", phases.recovery),
+    ] {
+        if let Some(window) = window {
+            message.push_str(&format!(
+                "; {name}: {}",
+                load_stats(&records, Some(window)).describe()
+            ));
+        }
+    }
+    let causes = causes(&records);
+    if !causes.is_empty() {
+        let listed: Vec<String> = causes
+            .iter()
+            .take(5)
+            .map(|(cause, count)| format!("{cause} x{count}"))
+            .collect();
+        message.push_str(&format!("; errors: {}", listed.join(", ")));
+    }
+    let finished = event("load-finished", "", "", "", message);
+    if let Err(err) = ctx.events.emit(run_id, finished, None).await {
+        tracing::error!(run = %run_id, %err, "could not record the load's figures");
+    }
 }
 
 /// The run of a plan with `steady_state`: baseline check, stages watched by the stop
@@ -195,12 +338,25 @@ async fn drive_with_probes(
     steady: &SteadyState,
     probes: &ProbeSession,
     cancel: &mut watch::Receiver<Option<String>>,
+    phases: &mut Phases,
 ) -> Result<(RunState, String), StoreError> {
     let started = now_ms();
-    if let Some(reason) = sleep_or_cancel(steady.baseline, cancel).await {
+    let check_span = tracing::info_span!(
+        target: crate::observability::OTEL_TARGET,
+        "faultline.steady_state.check",
+        faultline.phase = "baseline",
+        faultline.steady = tracing::field::Empty,
+    );
+    if let Some(reason) = sleep_or_cancel(steady.baseline, cancel)
+        .instrument(check_span.clone())
+        .await
+    {
         return Ok((RunState::Halted, reason));
     }
+    phases.baseline = Some(Window::new(started, now_ms() + 1));
     let check = probes.check(steady, Window::new(started, now_ms() + 1));
+    check_span.record("faultline.steady", check.steady);
+    drop(check_span);
     let message = format!(
         "baseline {} ({}): {}",
         format_duration(steady.baseline),
@@ -225,8 +381,9 @@ async fn drive_with_probes(
     // The stages see a switch of their own, flipped by a halt (forwarded) or a stop condition.
     let (stop_tx, mut stop_rx) = watch::channel(None::<String>);
     let fired: Mutex<Option<(String, JoinHandle<RunRevert>)>> = Mutex::new(None);
+    let stages_started = now_ms();
     let outcome = {
-        let stages = run_stages(ctx, run_id, plan, &mut stop_rx);
+        let stages = run_stages(ctx, run_id, plan, Some(probes), &mut stop_rx);
         let monitor = watch_stop_conditions(ctx, run_id, plan, probes, cancel, &stop_tx, &fired);
         tokio::select! {
             biased;
@@ -234,6 +391,7 @@ async fn drive_with_probes(
             () = monitor => (RunState::Failed, "internal error: stop-condition monitor ended".into()),
         }
     };
+    phases.faults = Some(Window::new(stages_started, now_ms() + 1));
     let fired = fired
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -255,10 +413,22 @@ async fn drive_with_probes(
     }
 
     let recovery_start = now_ms();
-    if let Some(reason) = sleep_or_cancel(steady.baseline, cancel).await {
+    let check_span = tracing::info_span!(
+        target: crate::observability::OTEL_TARGET,
+        "faultline.steady_state.check",
+        faultline.phase = "recovery",
+        faultline.steady = tracing::field::Empty,
+    );
+    if let Some(reason) = sleep_or_cancel(steady.baseline, cancel)
+        .instrument(check_span.clone())
+        .await
+    {
         return Ok((RunState::Halted, reason));
     }
+    phases.recovery = Some(Window::new(recovery_start, now_ms() + 1));
     let check = probes.check(steady, Window::new(recovery_start, now_ms() + 1));
+    check_span.record("faultline.steady", check.steady);
+    drop(check_span);
     let message = format!(
         "after {} ({}): {}",
         format_duration(steady.baseline),
@@ -331,15 +501,55 @@ async fn watch_stop_conditions(
     }
 }
 
+/// A fault of a stage in flight: `(stage index, fault index, outcome)` once it ends.
+type FaultFuture<'a> = Pin<Box<dyn Future<Output = FaultDone> + Send + 'a>>;
+type FaultDone = (usize, usize, Result<FaultOutcome, StoreError>);
+
+/// What the stages have seen end so far.
+#[derive(Default)]
+struct StageLedger {
+    /// Faults of each stage not ended yet.
+    remaining: Vec<usize>,
+    /// Fault indices of each stage that ended.
+    ended: Vec<std::collections::BTreeSet<usize>>,
+    failures: Vec<String>,
+    cancelled: bool,
+}
+
+impl StageLedger {
+    fn stopped(&self) -> bool {
+        self.cancelled || !self.failures.is_empty()
+    }
+}
+
 /// The stages in order, each fault applied, held and reverted; ends at the first failure or
-/// when `cancel` is flipped.
+/// when `cancel` is flipped. A stage normally starts once the previous stage's faults are
+/// reverted; an `overlap` stage starts (after its delay and trigger) once they are applied,
+/// while they are still in force, so faults on several hosts can pile up as in a real cascade.
+/// Faults of earlier stages keep being followed meanwhile.
 async fn run_stages(
     ctx: &RunContext,
     run_id: &str,
     plan: &Plan,
+    probes: Option<&ProbeSession>,
     cancel: &mut watch::Receiver<Option<String>>,
 ) -> Result<(RunState, String), StoreError> {
+    let mut in_flight: FuturesUnordered<FaultFuture<'_>> = FuturesUnordered::new();
+    let mut ledger = StageLedger {
+        remaining: plan.stages.iter().map(|stage| stage.faults.len()).collect(),
+        ended: vec![Default::default(); plan.stages.len()],
+        ..Default::default()
+    };
     for (stage_index, stage) in plan.stages.iter().enumerate() {
+        if !stage.overlap {
+            while let Some(done) = in_flight.next().await {
+                settle(ctx, run_id, plan, &mut ledger, done).await?;
+            }
+        }
+        if let Some(ended) = stopped(&ledger, cancel) {
+            drain(ctx, run_id, plan, &mut ledger, &mut in_flight).await?;
+            return Ok(ended);
+        }
         if !stage.after.is_zero() {
             let message = format!("waiting {} before the stage", format_duration(stage.after));
             ctx.events
@@ -349,15 +559,50 @@ async fn run_stages(
                     None,
                 )
                 .await?;
-            if let Some(reason) = sleep_or_cancel(stage.after, cancel).await {
+            let slept = following(
+                ctx,
+                run_id,
+                plan,
+                &mut ledger,
+                &mut in_flight,
+                sleep_or_cancel(stage.after, &mut cancel.clone()),
+            )
+            .await?;
+            if let Some(Some(reason)) = slept {
+                drain(ctx, run_id, plan, &mut ledger, &mut in_flight).await?;
                 return Ok((RunState::Halted, reason));
             }
         }
+        if let Some(trigger) = &stage.when {
+            let mut trigger_cancel = cancel.clone();
+            let waited = following(
+                ctx,
+                run_id,
+                plan,
+                &mut ledger,
+                &mut in_flight,
+                await_trigger(ctx, run_id, stage, trigger, probes, &mut trigger_cancel),
+            )
+            .await?;
+            if let Some(Some(ended)) = waited.transpose()? {
+                drain(ctx, run_id, plan, &mut ledger, &mut in_flight).await?;
+                return Ok(ended);
+            }
+        }
+        if let Some(ended) = stopped(&ledger, cancel) {
+            drain(ctx, run_id, plan, &mut ledger, &mut in_flight).await?;
+            return Ok(ended);
+        }
         let message = format!(
-            "stage {} of {}: {} fault(s)",
+            "stage {} of {}: {} fault(s){}",
             stage_index + 1,
             plan.stages.len(),
-            stage.faults.len()
+            stage.faults.len(),
+            if stage.overlap {
+                "; the previous stage's faults are still in force"
+            } else {
+                ""
+            }
         );
         ctx.events
             .emit(
@@ -367,56 +612,309 @@ async fn run_stages(
             )
             .await?;
 
-        let faults = stage.faults.iter().enumerate().map(|(index, fault)| {
-            let fault_id = format!("{run_id}/{}/{index}", stage.name);
-            run_fault(
-                ctx,
-                run_id,
-                &stage.name,
-                fault_id,
-                fault,
-                plan.lease,
-                cancel.clone(),
-            )
-        });
-        let outcomes = futures::future::join_all(faults).await;
-        let mut failures = Vec::new();
-        let mut cancelled = false;
-        for outcome in outcomes {
-            match outcome? {
-                FaultOutcome::Done => {}
-                FaultOutcome::Failed(reason) => failures.push(reason),
-                FaultOutcome::Cancelled => cancelled = true,
+        let (applied_tx, mut applied_rx) = mpsc::unbounded_channel::<usize>();
+        // Lives as long as its faults' spans (their parent), so it covers the stage.
+        let stage_span = tracing::info_span!(
+            target: crate::observability::OTEL_TARGET,
+            "faultline.stage",
+            faultline.run.id = %run_id,
+            faultline.stage.name = %stage.name,
+            faultline.stage.index = stage_index as u64,
+            faultline.stage.overlap = stage.overlap,
+        );
+        for (index, fault) in stage.faults.iter().enumerate() {
+            let job = FaultJob {
+                stage: &stage.name,
+                index,
+                planned: fault,
+                lease: plan.lease,
+            };
+            let fault_span = tracing::info_span!(
+                target: crate::observability::OTEL_TARGET,
+                parent: &stage_span,
+                "faultline.fault",
+                faultline.run.id = %run_id,
+                faultline.fault.id = %format!("{run_id}/{}/{index}", stage.name),
+                faultline.fault.kind = fault.spec.kind.name(),
+                faultline.agent = %fault.agent,
+                faultline.target = %fault.spec.target,
+                faultline.fault.duration_ms = fault.spec.duration.as_millis() as u64,
+                faultline.fault.outcome = tracing::field::Empty,
+            );
+            let run = run_fault(ctx, run_id, job, cancel.clone(), applied_tx.clone())
+                .instrument(fault_span);
+            in_flight.push(Box::pin(async move { (stage_index, index, run.await) }));
+        }
+        drop(stage_span);
+        drop(applied_tx);
+
+        // The next stage overlaps this one: it may start once every fault here is in force
+        // (or has already ended).
+        let next_overlaps = plan
+            .stages
+            .get(stage_index + 1)
+            .is_some_and(|next| next.overlap);
+        if next_overlaps {
+            let mut in_force = std::collections::BTreeSet::new();
+            loop {
+                let settled = in_force.union(&ledger.ended[stage_index]).count();
+                if settled >= stage.faults.len() || ledger.stopped() {
+                    break;
+                }
+                tokio::select! {
+                    applied = applied_rx.recv() => match applied {
+                        Some(index) => { in_force.insert(index); }
+                        // Every fault of the stage ended: the ledger has them.
+                        None => {
+                            if let Some(done) = in_flight.next().await {
+                                settle(ctx, run_id, plan, &mut ledger, done).await?;
+                            }
+                        }
+                    },
+                    Some(done) = in_flight.next() => {
+                        settle(ctx, run_id, plan, &mut ledger, done).await?;
+                    }
+                }
+            }
+            if !ledger.stopped() {
+                let message = format!(
+                    "stage {}: {} fault(s) in force; the next stage overlaps them",
+                    stage.name,
+                    in_force.len()
+                );
+                ctx.events
+                    .emit(
+                        run_id,
+                        event("stage-applied", &stage.name, "", "", message),
+                        None,
+                    )
+                    .await?;
             }
         }
-        if cancelled {
-            let reason = cancel.borrow().clone().unwrap_or_else(|| "halted".into());
-            return Ok((RunState::Halted, reason));
-        }
-        if !failures.is_empty() {
-            return Ok((RunState::Failed, failures.join("; ")));
-        }
-        let message = format!("stage {} finished", stage.name);
-        ctx.events
-            .emit(
-                run_id,
-                event("stage-finished", &stage.name, "", "", message),
-                None,
-            )
-            .await?;
     }
-    Ok((RunState::Completed, String::new()))
+    drain(ctx, run_id, plan, &mut ledger, &mut in_flight).await?;
+    Ok(stopped(&ledger, cancel).unwrap_or((RunState::Completed, String::new())))
 }
 
+/// How the run ends if a fault failed or the run was cancelled.
+fn stopped(
+    ledger: &StageLedger,
+    cancel: &watch::Receiver<Option<String>>,
+) -> Option<(RunState, String)> {
+    if ledger.cancelled {
+        let reason = cancel.borrow().clone().unwrap_or_else(|| "halted".into());
+        return Some((RunState::Halted, reason));
+    }
+    if let Some(reason) = cancel.borrow().clone() {
+        return Some((RunState::Halted, reason));
+    }
+    (!ledger.failures.is_empty()).then(|| (RunState::Failed, ledger.failures.join("; ")))
+}
+
+/// Records one ended fault; the last of its stage finishes the stage.
+async fn settle(
+    ctx: &RunContext,
+    run_id: &str,
+    plan: &Plan,
+    ledger: &mut StageLedger,
+    (stage_index, fault_index, outcome): FaultDone,
+) -> Result<(), StoreError> {
+    match outcome? {
+        FaultOutcome::Done => {}
+        FaultOutcome::Failed(reason) => ledger.failures.push(reason),
+        FaultOutcome::Cancelled => ledger.cancelled = true,
+    }
+    ledger.ended[stage_index].insert(fault_index);
+    ledger.remaining[stage_index] = ledger.remaining[stage_index].saturating_sub(1);
+    if ledger.remaining[stage_index] == 0 && !ledger.stopped() {
+        let name = &plan.stages[stage_index].name;
+        let message = format!("stage {name} finished");
+        ctx.events
+            .emit(run_id, event("stage-finished", name, "", "", message), None)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Follows every fault still in flight to its end.
+async fn drain(
+    ctx: &RunContext,
+    run_id: &str,
+    plan: &Plan,
+    ledger: &mut StageLedger,
+    in_flight: &mut FuturesUnordered<FaultFuture<'_>>,
+) -> Result<(), StoreError> {
+    while let Some(done) = in_flight.next().await {
+        settle(ctx, run_id, plan, ledger, done).await?;
+    }
+    Ok(())
+}
+
+/// Awaits `wait` while following the faults in flight. `None` when a fault failed or was
+/// cancelled meanwhile (the wait is then abandoned), else what `wait` gave.
+async fn following<T>(
+    ctx: &RunContext,
+    run_id: &str,
+    plan: &Plan,
+    ledger: &mut StageLedger,
+    in_flight: &mut FuturesUnordered<FaultFuture<'_>>,
+    wait: impl Future<Output = T>,
+) -> Result<Option<T>, StoreError> {
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            out = &mut wait => return Ok(Some(out)),
+            Some(done) = in_flight.next() => {
+                settle(ctx, run_id, plan, ledger, done).await?;
+                if ledger.stopped() {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// Waits for a stage's `when`: `None` once it holds, else how the run ends (timed out,
+/// halted or stopped).
+async fn await_trigger(
+    ctx: &RunContext,
+    run_id: &str,
+    stage: &Stage,
+    trigger: &StageTrigger,
+    probes: Option<&ProbeSession>,
+    cancel: &mut watch::Receiver<Option<String>>,
+) -> Result<Option<(RunState, String)>, StoreError> {
+    let condition = &trigger.condition;
+    let Some(probes) = probes else {
+        // Plans are validated: a `when` always names a steady_state probe.
+        let reason = format!(
+            "stage {}: `when` needs the steady_state probes, which are not running",
+            stage.name
+        );
+        return Ok(Some((RunState::Failed, reason)));
+    };
+    let message = format!(
+        "waiting up to {} until {}",
+        format_duration(trigger.timeout),
+        condition.describe()
+    );
+    ctx.events
+        .emit(
+            run_id,
+            event("stage-waiting", &stage.name, "", "", message),
+            None,
+        )
+        .await?;
+    let waited = wait_for_condition(
+        condition,
+        trigger.timeout,
+        || probes.samples(&condition.probe),
+        cancel,
+    )
+    .await;
+    match waited {
+        ConditionWait::Held(check) => {
+            let message = format!("condition held: {}", check.summary);
+            ctx.events
+                .emit(
+                    run_id,
+                    event("stage-triggered", &stage.name, "", "", message),
+                    None,
+                )
+                .await?;
+            Ok(None)
+        }
+        ConditionWait::TimedOut(check) => {
+            let reason = format!(
+                "stage {}: `when` did not hold within {} ({}; last seen: {}); the stages \
+                 before it had already reverted their faults",
+                stage.name,
+                format_duration(trigger.timeout),
+                condition.describe(),
+                check.summary
+            );
+            ctx.events
+                .emit(
+                    run_id,
+                    event("stage-timeout", &stage.name, "", "", reason.clone()),
+                    None,
+                )
+                .await?;
+            Ok(Some((RunState::Aborted, reason)))
+        }
+        ConditionWait::Cancelled(reason) => Ok(Some((RunState::Halted, reason))),
+    }
+}
+
+/// How [`wait_for_condition`] ended.
+#[derive(Debug)]
+enum ConditionWait {
+    Held(ConditionCheck),
+    /// With the last check.
+    TimedOut(ConditionCheck),
+    Cancelled(String),
+}
+
+/// Evaluates `condition` on `samples()` every [`TRIGGER_CHECK_EVERY`] (first at once) until
+/// it holds, `timeout` has passed, or `cancel` is flipped.
+async fn wait_for_condition(
+    condition: &Condition,
+    timeout: Duration,
+    samples: impl Fn() -> Vec<ProbeSample>,
+    cancel: &mut watch::Receiver<Option<String>>,
+) -> ConditionWait {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut ticker = tokio::time::interval(TRIGGER_CHECK_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cancellable = true;
+    loop {
+        if let Some(reason) = cancel.borrow().clone() {
+            return ConditionWait::Cancelled(reason);
+        }
+        tokio::select! {
+            _ = ticker.tick() => {
+                let check = check_condition(&samples(), condition, now_ms());
+                if check.held {
+                    return ConditionWait::Held(check);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return ConditionWait::TimedOut(check);
+                }
+            }
+            changed = cancel.changed(), if cancellable => {
+                if changed.is_err() {
+                    cancellable = false;
+                }
+            }
+        }
+    }
+}
+
+/// One fault of a stage, as [`run_fault`] runs it.
+struct FaultJob<'a> {
+    stage: &'a str,
+    /// Position in the stage: the fault id is `RUN/STAGE/INDEX`.
+    index: usize,
+    planned: &'a PlannedFault,
+    lease: Duration,
+}
+
+/// Applies one fault, holds it and follows it to its revert. `in_force` hears the fault's index
+/// once the agent confirmed it in force.
 async fn run_fault(
     ctx: &RunContext,
     run_id: &str,
-    stage: &str,
-    fault_id: String,
-    planned: &PlannedFault,
-    lease: Duration,
+    job: FaultJob<'_>,
     mut cancel: watch::Receiver<Option<String>>,
+    in_force: mpsc::UnboundedSender<usize>,
 ) -> Result<FaultOutcome, StoreError> {
+    let FaultJob {
+        stage,
+        index,
+        planned,
+        lease,
+    } = job;
+    let fault_id = format!("{run_id}/{stage}/{index}");
     let agent = planned.agent.as_str();
     let emit = |kind: &'static str, message: String| {
         ctx.events
@@ -435,6 +933,7 @@ async fn run_fault(
         planned.spec.target,
         format_duration(planned.spec.duration)
     );
+    let sent_at = tokio::time::Instant::now();
     let command_id = match ctx
         .hub
         .send(agent, run_id, pb::command::Action::Apply(apply))
@@ -472,13 +971,32 @@ async fn run_fault(
     // applying and answering): it is then treated as applied, and its revert is awaited.
     let mut apply_unconfirmed = None;
     let mut early_end = None;
+    // From the agent's "applied" to the end of this function (the revert): the fault window.
+    let mut _active_span = None;
+    let mut _active_metric = None;
     match applied {
         Waited::Report(report) if kind_of(&report.report) == pb::ReportKind::Applied => {
+            crate::metrics::REGISTRY.observe(
+                "faultline_command_duration_seconds",
+                &[planned.spec.kind.name()],
+                sent_at.elapsed().as_secs_f64(),
+            );
+            _active_metric = Some(crate::metrics::ActiveFault::new(planned.spec.kind.name()));
+            _active_span = Some(tracing::info_span!(
+                target: crate::observability::OTEL_TARGET,
+                "faultline.fault.active",
+                faultline.fault.id = %fault_id,
+                faultline.fault.kind = planned.spec.kind.name(),
+                faultline.agent = %agent,
+                faultline.target = %planned.spec.target,
+                faultline.target.resolved = %report.report.resolved_target,
+            ));
             let message = format!(
                 "applied to {}: {}",
                 report.report.resolved_target, report.report.detail
             );
             emit("fault-applied", message).await?;
+            let _ = in_force.send(index);
         }
         Waited::Report(report) if is_end(&report) => {
             let message = format!("{what}: reverted before its apply was confirmed");
@@ -709,4 +1227,120 @@ async fn sleep_or_cancel(
 
 fn kind_of(report: &pb::CommandReport) -> pb::ReportKind {
     pb::ReportKind::try_from(report.kind).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    use faultline_domain::plan::{Comparison, Metric};
+
+    use super::*;
+
+    fn failing_rate_above_zero() -> Condition {
+        Condition {
+            probe: "api".into(),
+            metric: Metric::ErrorRate,
+            comparison: Comparison::Above,
+            threshold: 0.0,
+            window: Duration::from_millis(500),
+        }
+    }
+
+    fn sample(ok: bool) -> ProbeSample {
+        ProbeSample {
+            at_ms: now_ms(),
+            ok,
+            latency: Some(Duration::from_millis(1)),
+            value: None,
+            detail: String::new(),
+        }
+    }
+
+    /// Samples taken every 50ms in the background: ok until `fail_after`, failing afterwards.
+    fn probe(fail_after: Duration) -> (Arc<Mutex<Vec<ProbeSample>>>, tokio::task::JoinHandle<()>) {
+        let samples: Arc<Mutex<Vec<ProbeSample>>> = Arc::default();
+        let sink = samples.clone();
+        let started = Instant::now();
+        let task = tokio::spawn(async move {
+            loop {
+                let ok = started.elapsed() < fail_after;
+                sink.lock().unwrap().push(sample(ok));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        (samples, task)
+    }
+
+    #[tokio::test]
+    async fn a_trigger_fires_once_its_condition_holds() {
+        let (samples, task) = probe(Duration::from_millis(600));
+        let (_tx, mut cancel) = watch::channel(None);
+        let started = Instant::now();
+        let waited = wait_for_condition(
+            &failing_rate_above_zero(),
+            Duration::from_secs(10),
+            || samples.lock().unwrap().clone(),
+            &mut cancel,
+        )
+        .await;
+        let took = started.elapsed();
+        task.abort();
+        let ConditionWait::Held(check) = waited else {
+            panic!("expected the condition to hold: {waited:?}");
+        };
+        assert!(check.held && check.observed.unwrap() > 0.0, "{check:?}");
+        // Not before the first failure, and soon after it.
+        assert!(took >= Duration::from_millis(600), "fired after {took:?}");
+        assert!(took < Duration::from_millis(1500), "fired after {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_trigger_that_never_holds_times_out() {
+        let (samples, task) = probe(Duration::from_secs(3600));
+        let (_tx, mut cancel) = watch::channel(None);
+        let started = Instant::now();
+        let waited = wait_for_condition(
+            &failing_rate_above_zero(),
+            Duration::from_millis(700),
+            || samples.lock().unwrap().clone(),
+            &mut cancel,
+        )
+        .await;
+        let took = started.elapsed();
+        task.abort();
+        let ConditionWait::TimedOut(check) = waited else {
+            panic!("expected a time-out: {waited:?}");
+        };
+        assert_eq!(check.observed, Some(0.0), "{check:?}");
+        assert!(took >= Duration::from_millis(700), "{took:?}");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_halt_ends_the_wait() {
+        let (tx, mut cancel) = watch::channel(None);
+        let halt = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tx.send_replace(Some("halted by the operator".to_string()));
+            // Keep the sender alive until the waiter has seen the change.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let started = Instant::now();
+        // No samples at all: the condition can never hold.
+        let waited = wait_for_condition(
+            &failing_rate_above_zero(),
+            Duration::from_secs(30),
+            Vec::new,
+            &mut cancel,
+        )
+        .await;
+        halt.abort();
+        assert!(
+            matches!(&waited, ConditionWait::Cancelled(reason) if reason == "halted by the operator"),
+            "{waited:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
 }

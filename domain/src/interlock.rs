@@ -534,6 +534,7 @@ mod tests {
             title: "t".into(),
             description: None,
             hypothesis: None,
+            tolerances: Vec::new(),
             lease: Duration::from_secs(10),
             stages: stages
                 .iter()
@@ -541,6 +542,8 @@ mod tests {
                 .map(|(index, faults)| Stage {
                     name: format!("s{index}"),
                     after: Duration::ZERO,
+                    when: None,
+                    overlap: false,
                     faults: faults
                         .iter()
                         .map(|(agent, target)| PlannedFault {
@@ -558,6 +561,7 @@ mod tests {
             protected: Vec::new(),
             steady_state: None,
             stop_conditions: Vec::new(),
+            load: None,
         }
     }
 

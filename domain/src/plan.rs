@@ -72,11 +72,95 @@
 //!
 //! A protection has `agent`, one target key (as in `target`: `container`, `id`, `label`,
 //! `cgroup`, `pid`, `process`) or both.
+//!
+//! # Triggers and the hypothesis
+//!
+//! A stage may wait for a condition on a `steady_state` probe before it starts (after its
+//! `after` delay), and the hypothesis may state measurable tolerances; see the `condition`
+//! module ([`Condition`], [`StageTrigger`], [`Tolerance`], [`judge_hypothesis`]).
+//!
+//! ```yaml
+//! hypothesis:                       # or just a sentence, as before
+//!   text: Checkout stays within its SLO while the database is paused.
+//!   tolerances:                     # judged over the faults' window
+//!     - { probe: api, max_error_rate: 5%, max_p95: 300ms }
+//! stages:
+//!   - name: second-wave
+//!     after: 1s
+//!     when: { probe: api, metric: p95, above: 500ms, window: 5s, timeout: 2m }
+//!     faults: [...]
+//! ```
+//!
+//! Stages normally run one after another: a stage starts (after its `after` delay) once the
+//! previous stage's faults are all reverted. `overlap: true` starts it instead once they are
+//! all *applied*, while they are still in force (`after` then counts from that moment), so
+//! that a cascade piles faults up across hosts: kill the cache; 10s later, with the cache
+//! still down, partition the database; when the API's p95 passes 500ms, throttle it too.
+//! A target may not be faulted by an overlapping stage while an earlier stage of its chain
+//! still holds a fault on it.
+//!
+//! ```yaml
+//! stages:
+//!   - { name: cache-down, faults: [...] }
+//!   - { name: db-partition, overlap: true, after: 10s, faults: [...] }
+//!   - { name: api-throttle, overlap: true, when: { probe: api, metric: p95, above: 500ms, window: 5s }, faults: [...] }
+//! ```
+//!
+//! `metric` is `error_rate` (threshold a percentage), `p50`/`p95`/`p99` (a duration) or
+//! `value` (the mean of a Prometheus probe's values; a number); exactly one of `above` and
+//! `below` (strict). The condition is judged every 250ms over the samples of the trailing
+//! `window` (250ms..=10m); a window with nothing to measure never holds. `timeout` (default 5m,
+//! 1s..=1h) bounds the wait: then the run is aborted, and since the stages before it have
+//! already reverted their faults, nothing is left applied.
+//!
+//! # Variables
+//!
+//! `${NAME}` anywhere in the text (but in comment-only lines) is replaced before the YAML is
+//! read: by the value given to the CLI with `--var NAME=VALUE`, else by the plan's own default
+//! under the top-level `vars:` mapping. The environment is never read: a plan means the same
+//! on every machine. A name used but given nowhere is an error at its `${`; a `--var` the plan
+//! neither declares nor uses is an error too (a typo would otherwise go unnoticed). `$${`
+//! writes a literal `${`. Values are single lines; substitution keeps every line where it was,
+//! and errors point at the text as written. See the `vars` module.
+//!
+//! ```yaml
+//! vars:                        # top-level block, found before the rest is read
+//!   DB_HOST: agent-2
+//!   HOLD: 30s
+//! stages:
+//!   - name: pause-db
+//!     faults:
+//!       - { kind: container-pause, agent: "${DB_HOST}", target: { container: db }, duration: "${HOLD}" }
+//! ```
+//!
+//! # Includes
+//!
+//! An item of `steady_state.probes` may be `- include: probes/api.yaml`, alone on its line: a
+//! file (relative to the plan's directory; not absolute, not outside it) holding a block list of
+//! probe specs, which may include further files (at most [`MAX_INCLUDE_DEPTH`] deep, never in
+//! a cycle). Variables apply inside included files too. Errors in an included file name that
+//! file ([`PlanError::file`]). The domain reads no files: [`parse_plan_with`] takes a reader,
+//! and returns the plan's text with its includes inlined ([`ExpandedPlan::text`]), which is
+//! what the CLI sends to the coordinator.
+//!
+//! # Load
+//!
+//! `load:` starts a built-in open-loop HTTP load generator for the whole run, so that the
+//! baseline, the faults and the recovery see the same traffic; see the `load` module
+//! ([`LoadSpec`]).
+//!
+//! ```yaml
+//! load: { url: "http://10.0.0.7:8080/checkout", rate: 50/s, method: POST, body: "{}", timeout: 2s }
+//! ```
 
+mod condition;
+mod load;
 mod rules;
 mod safety;
+mod source;
 mod steady;
 mod units;
+mod vars;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -85,14 +169,25 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_saphyr::{Location, MessageFormatter as _, Spanned};
 
+pub use self::condition::{
+    Comparison, Condition, ConditionCheck, DEFAULT_WHEN_TIMEOUT, Limit, MAX_WHEN_TIMEOUT,
+    MIN_WHEN_TIMEOUT, Metric, StageTrigger, Tolerance, ToleranceResult, check_condition,
+    hypothesis_held, judge_hypothesis,
+};
+pub use self::load::{
+    DEFAULT_LOAD_TIMEOUT, DEFAULT_MAX_IN_FLIGHT, LoadRate, LoadSpec, MAX_IN_FLIGHT,
+    MAX_LOAD_PER_SEC, MAX_LOAD_TIMEOUT,
+};
 pub use self::rules::check_spec;
 #[doc(hidden)]
 pub use self::rules::{example_kinds, example_selectors, example_specs};
 pub use self::safety::{BlastRadius, MAX_BLAST_LIMIT, Policy, Protected, parse_policy};
+pub use self::source::MAX_INCLUDE_DEPTH;
 pub use self::steady::{
     DEFAULT_BASELINE, SteadyState, StopCondition, baseline_verdict, format_rate,
     stop_condition_fired,
 };
+pub use self::vars::{MAX_VAR_NAME_LEN, MAX_VAR_VALUE_LEN};
 use crate::duration::{format_duration, parse_duration};
 use crate::fault::{
     Direction, FaultKind, FaultSpec, FillAmount, IoLimits, NetScope, PartitionMode, Protocol,
@@ -197,8 +292,11 @@ pub struct Plan {
     pub title: String,
     /// Free text about the experiment.
     pub description: Option<String>,
-    /// What the experiment expects to observe.
+    /// What the experiment expects to observe (the `text` of a detailed hypothesis).
     pub hypothesis: Option<String>,
+    /// The hypothesis's measurable part, judged over the faults' window with
+    /// [`judge_hypothesis`]; empty when the hypothesis is plain text or absent.
+    pub tolerances: Vec<Tolerance>,
     /// The agents' dead-man lease: a fault whose lease is not renewed is reverted.
     pub lease: Duration,
     /// At least one stage, in execution order.
@@ -211,15 +309,23 @@ pub struct Plan {
     pub steady_state: Option<SteadyState>,
     /// When to abort while the faults are applied; empty when absent.
     pub stop_conditions: Vec<StopCondition>,
+    /// Traffic sent from the baseline to the recovery check; none when absent.
+    pub load: Option<LoadSpec>,
 }
 
 /// One step of a plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Stage {
     /// Unique within the plan, `[a-z0-9-]{1,63}`.
     pub name: String,
-    /// Delay between the end of the previous stage (or the run's start) and this stage.
+    /// Delay between the end of the previous stage (or the run's start) and this stage; with
+    /// `overlap`, between the previous stage's faults being applied and this stage.
     pub after: Duration,
+    /// Start while the previous stage's faults are still in force (counting `after` from when
+    /// they were all applied) instead of once they are reverted: how a cascade piles faults up.
+    pub overlap: bool,
+    /// After the delay, wait for this condition before starting; none when absent.
+    pub when: Option<StageTrigger>,
     /// At least one fault, applied in parallel.
     pub faults: Vec<PlannedFault>,
 }
@@ -259,7 +365,7 @@ impl Plan {
 
 /// One located problem in a plan. `line`/`column` are 1-based; 0 when unknown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
-#[error("{line}:{column} {}{message}", field_prefix(.field))]
+#[error("{}{line}:{column} {}{message}", file_prefix(.file), field_prefix(.field))]
 pub struct PlanError {
     /// 1-based line of the offending value; 0 when unknown.
     pub line: u32,
@@ -269,6 +375,15 @@ pub struct PlanError {
     pub field: String,
     /// What is wrong, for a person.
     pub message: String,
+    /// The included file the position is in (relative to the plan's directory); `None` for
+    /// the plan itself.
+    pub file: Option<String>,
+}
+
+/// `"FILE:"`, or nothing for the plan itself.
+fn file_prefix(file: &Option<String>) -> String {
+    file.as_ref()
+        .map_or(String::new(), |file| format!("{file}:"))
 }
 
 /// `"FIELD: "`, or nothing for document-level errors.
@@ -282,14 +397,22 @@ fn field_prefix(field: &str) -> String {
 
 /// Formats errors as `SOURCE:LINE:COLUMN: FIELD: MESSAGE`, one per line.
 ///
-/// Document-level errors (empty field) read `SOURCE:LINE:COLUMN: MESSAGE`.
+/// Document-level errors (empty field) read `SOURCE:LINE:COLUMN: MESSAGE`. An error in an
+/// included file names that file instead, as a path next to `source_name`.
 pub fn render_errors(source_name: &str, errors: &[PlanError]) -> String {
     let mut out = String::new();
     for error in errors {
+        let source = match &error.file {
+            None => source_name.to_string(),
+            Some(file) => match source_name.rsplit_once('/') {
+                Some((dir, _)) => format!("{dir}/{file}"),
+                None => file.clone(),
+            },
+        };
         // Writing to a String cannot fail.
         let _ = writeln!(
             out,
-            "{source_name}:{}:{}: {}{}",
+            "{source}:{}:{}: {}{}",
             error.line,
             error.column,
             field_prefix(&error.field),
@@ -299,11 +422,71 @@ pub fn render_errors(source_name: &str, errors: &[PlanError]) -> String {
     out
 }
 
+/// Reads an included file, given its path relative to the plan's directory (normalized,
+/// never absolute, never outside that directory); `Err` holds why it could not be read.
+pub type IncludeResolver<'a> = &'a dyn Fn(&str) -> Result<String, String>;
+
+/// What a plan's text may need from outside: variable values and included files.
+#[derive(Clone, Copy, Default)]
+pub struct PlanInputs<'a> {
+    /// `--var NAME=VALUE` values; they override the plan's `vars:` defaults.
+    pub vars: &'a [(String, String)],
+    /// Reads included files; without it, a plan with an include is refused.
+    pub include: Option<IncludeResolver<'a>>,
+}
+
+impl std::fmt::Debug for PlanInputs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlanInputs")
+            .field("vars", &self.vars)
+            .field("include", &self.include.map(|_| "resolver"))
+            .finish()
+    }
+}
+
+/// A plan and the self-contained text it was read from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpandedPlan {
+    pub plan: Plan,
+    /// The plan's text with its variables substituted and its includes inlined:
+    /// `parse_plan(&text)` reads the same plan without any input. This is what to send to
+    /// the coordinator, which never sees the files or values the plan was made from.
+    pub text: String,
+}
+
 /// Parses and validates a plan.
 ///
 /// A syntax or type error yields exactly one error, since the YAML reader cannot go on past
-/// it; otherwise every rule violation is reported, ordered by position in the text.
+/// it; otherwise every rule violation is reported, ordered by position in the text. Variables
+/// take their `vars:` defaults; an include is refused (see [`parse_plan_with`]).
 pub fn parse_plan(yaml: &str) -> Result<Plan, Vec<PlanError>> {
+    parse_plan_with(yaml, &PlanInputs::default()).map(|expanded| expanded.plan)
+}
+
+/// Parses and validates a plan whose variables and includes are resolved with `inputs`.
+/// Errors in an included file carry its name in [`PlanError::file`]; every position is one
+/// of the text as written, before substitution.
+pub fn parse_plan_with(
+    yaml: &str,
+    inputs: &PlanInputs<'_>,
+) -> Result<ExpandedPlan, Vec<PlanError>> {
+    let expanded = source::expand(yaml, inputs)?;
+    match parse_text(&expanded.parse_text()) {
+        Ok(plan) => Ok(ExpandedPlan {
+            plan,
+            text: expanded.canonical_text(),
+        }),
+        Err(mut errors) => {
+            for error in &mut errors {
+                expanded.locate(error);
+            }
+            Err(errors)
+        }
+    }
+}
+
+/// Parses and validates a plan's text once its variables and includes are resolved.
+fn parse_text(yaml: &str) -> Result<Plan, Vec<PlanError>> {
     let Some(raw) = read_raw(yaml).map_err(|error| vec![error])? else {
         return Err(vec![PlanError {
             line: 1,
@@ -311,6 +494,7 @@ pub fn parse_plan(yaml: &str) -> Result<Plan, Vec<PlanError>> {
             field: String::new(),
             message: "the plan is empty; expected a mapping with apiVersion, title and stages"
                 .to_string(),
+            file: None,
         }]);
     };
     let mut checker = Checker::default();
@@ -331,13 +515,17 @@ struct RawPlan {
     api_version: Option<Spanned<String>>,
     title: Option<Spanned<String>>,
     description: Option<Spanned<String>>,
-    hypothesis: Option<Spanned<String>>,
+    hypothesis: Option<Spanned<condition::RawHypothesis>>,
     lease: Option<Spanned<String>>,
     stages: Option<Spanned<Vec<Spanned<RawStage>>>>,
     blast_radius: Option<Spanned<safety::RawBlastRadius>>,
     protected: Option<Spanned<Vec<Spanned<safety::RawProtected>>>>,
     steady_state: Option<Spanned<steady::RawSteadyState>>,
     stop_conditions: Option<Spanned<Vec<Spanned<steady::RawStopCondition>>>>,
+    load: Option<Spanned<load::RawLoad>>,
+    /// Read (and substituted) before the document is: see [`vars`].
+    #[serde(rename = "vars")]
+    _vars: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -345,6 +533,8 @@ struct RawPlan {
 struct RawStage {
     name: Option<Spanned<String>>,
     after: Option<Spanned<String>>,
+    overlap: Option<Spanned<bool>>,
+    when: Option<Spanned<condition::RawTrigger>>,
     faults: Option<Spanned<Vec<Spanned<RawFault>>>>,
 }
 
@@ -507,6 +697,7 @@ fn read_error(error: &serde_saphyr::Error, path: Option<&serde_path_to_error::Pa
         column,
         field: path.map(|path| field_path(path, cause)).unwrap_or_default(),
         message: read_error_message(cause),
+        file: None,
     }
 }
 
@@ -626,6 +817,7 @@ impl Checker {
                         column: 0,
                         field: String::new(),
                         message: invalid.to_string(),
+                        file: None,
                     });
                 }
                 // Unknown positions (line 0) go last; the sort is stable, so errors at one
@@ -643,6 +835,7 @@ impl Checker {
             column,
             field: field.to_string(),
             message: message.into(),
+            file: None,
         });
     }
 
@@ -739,6 +932,8 @@ impl Checker {
             }
         };
 
+        // Stages and the hypothesis refer to the probes of steady_state.
+        let steady_state = self.steady_state(plan.steady_state.as_ref());
         let stages = self
             .required(&plan.stages, at, "", "stages")
             .and_then(|stages| {
@@ -755,28 +950,38 @@ impl Checker {
                     .value
                     .iter()
                     .enumerate()
-                    .map(|(index, stage)| self.stage(stage, index, &mut names))
+                    .map(|(index, stage)| {
+                        self.stage(stage, index, &mut names, steady_state.as_ref())
+                    })
                     .collect();
+                self.overlapping_targets(&stages.value, &checked);
                 checked.into_iter().collect::<Option<Vec<Stage>>>()
             });
 
         let blast_radius = self.blast_radius(plan.blast_radius.as_ref());
         let protected = self.protections(plan.protected.as_ref());
-        let steady_state = self.steady_state(plan.steady_state.as_ref());
         let stop_conditions =
             self.stop_conditions(plan.stop_conditions.as_ref(), steady_state.as_ref());
+        let hypothesis = self.hypothesis(plan.hypothesis.as_ref(), steady_state.as_ref());
+        let load = self.load(plan.load.as_ref());
+        let (hypothesis, tolerances) = match hypothesis {
+            Some((text, tolerances)) => (Some(text), Some(tolerances)),
+            None => (None, None),
+        };
 
         Some(Plan {
             api_version: api_version?,
             title: title?,
             description: Self::free_text(&plan.description),
-            hypothesis: Self::free_text(&plan.hypothesis),
+            hypothesis: hypothesis?,
+            tolerances: tolerances?,
             lease: lease?,
             stages: stages?,
             blast_radius: blast_radius?,
             protected: protected?,
             steady_state: steady_state?,
             stop_conditions: stop_conditions?,
+            load: load?,
         })
     }
 
@@ -786,6 +991,7 @@ impl Checker {
         raw: &Spanned<RawStage>,
         index: usize,
         names: &mut HashMap<String, usize>,
+        steady: Option<&Option<SteadyState>>,
     ) -> Option<Stage> {
         let at = &raw.referenced;
         let stage = &raw.value;
@@ -822,6 +1028,10 @@ impl Checker {
                 let bounds = (Duration::ZERO, MAX_STAGE_DELAY);
                 self.duration(after, &child(&path, "after"), bounds, "at most 1h")
             }
+        };
+        let when = match &stage.when {
+            None => Some(None),
+            Some(when) => self.trigger(when, &child(&path, "when"), steady).map(Some),
         };
 
         let faults = self
@@ -863,11 +1073,77 @@ impl Checker {
                 checked.into_iter().collect::<Option<Vec<PlannedFault>>>()
             });
 
+        let overlap = match &stage.overlap {
+            Some(overlap) if overlap.value && index == 0 => {
+                let message = "the first stage has no previous stage to overlap";
+                self.report(&overlap.referenced, &child(&path, "overlap"), message);
+                None
+            }
+            Some(overlap) => Some(overlap.value),
+            None => Some(false),
+        };
+
         Some(Stage {
             name: name?,
             after: after?,
+            overlap: overlap?,
+            when: when?,
             faults: faults?,
         })
+    }
+
+    /// A stage that overlaps its predecessor runs its faults while those of the previous
+    /// stages it chains to are still in force: the same target in both would have two faults
+    /// fighting over it (and reverting each other's changes).
+    fn overlapping_targets(&mut self, raw: &[Spanned<RawStage>], checked: &[Option<Stage>]) {
+        for (index, stage) in checked.iter().enumerate() {
+            let Some(stage) = stage.as_ref().filter(|stage| stage.overlap) else {
+                continue;
+            };
+            // Every earlier stage still in force when this one starts.
+            let mut in_force = Vec::new();
+            let mut earlier = index;
+            while earlier > 0 {
+                earlier -= 1;
+                let Some(previous) = &checked[earlier] else {
+                    break;
+                };
+                in_force.push((earlier, previous));
+                if !previous.overlap {
+                    break;
+                }
+            }
+            for (fault_index, fault) in stage.faults.iter().enumerate() {
+                let clash = in_force.iter().find_map(|(earlier, previous)| {
+                    previous
+                        .faults
+                        .iter()
+                        .position(|other| {
+                            other.agent == fault.agent && other.spec.target == fault.spec.target
+                        })
+                        .map(|position| (*earlier, position))
+                });
+                let Some((earlier, position)) = clash else {
+                    continue;
+                };
+                let raw_target = raw[index]
+                    .value
+                    .faults
+                    .as_ref()
+                    .and_then(|faults| faults.value.get(fault_index))
+                    .and_then(|raw_fault| raw_fault.value.target.as_ref());
+                if let Some(target) = raw_target {
+                    let message = format!(
+                        "{} on agent {} is still the target of stages[{earlier}].faults[{position}] \
+                         when this overlapping stage starts; give it to a stage that does not \
+                         overlap",
+                        fault.spec.target, fault.agent
+                    );
+                    let field = format!("stages[{index}].faults[{fault_index}].target");
+                    self.report(&target.referenced, &field, message);
+                }
+            }
+        }
     }
 
     fn fault(&mut self, raw: &Spanned<RawFault>, path: &str) -> Option<PlannedFault> {
@@ -1542,6 +1818,9 @@ fn is_agent_name(name: &str) -> bool {
 mod fault_tests;
 
 #[cfg(test)]
+mod language_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -1636,11 +1915,14 @@ mod tests {
             title: "Pause the database on host 2".to_string(),
             description: Some("optional free text".to_string()),
             hypothesis: Some("the API degrades gracefully".to_string()),
+            tolerances: Vec::new(),
             lease: Duration::from_secs(30),
             stages: vec![
                 Stage {
                     name: "pause-db".to_string(),
                     after: Duration::ZERO,
+                    when: None,
+                    overlap: false,
                     faults: vec![
                         fault(
                             "agent-2",
@@ -1668,6 +1950,8 @@ mod tests {
                 Stage {
                     name: "second".to_string(),
                     after: Duration::from_millis(500),
+                    when: None,
+                    overlap: false,
                     faults: vec![fault(
                         "agent-2",
                         FaultKind::ContainerPause,
@@ -1680,6 +1964,7 @@ mod tests {
             protected: Vec::new(),
             steady_state: None,
             stop_conditions: Vec::new(),
+            load: None,
         };
         let plan = parse_plan(&yaml).unwrap();
         assert_eq!(plan, expected);
@@ -2343,6 +2628,7 @@ mod tests {
                           ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few \
                           variations)"
                     .to_string(),
+                file: None,
             }]
         );
         assert!(errors[0].to_string().starts_with(
@@ -2358,12 +2644,14 @@ mod tests {
                 column: 5,
                 field: "stages[0].faults[1].duration".to_string(),
                 message: "invalid duration \"3x\"".to_string(),
+                file: None,
             },
             PlanError {
                 line: 1,
                 column: 1,
                 field: String::new(),
                 message: "empty".to_string(),
+                file: None,
             },
         ];
         assert_eq!(

@@ -81,10 +81,13 @@ mod tests {
             title: "t".into(),
             description: None,
             hypothesis: None,
+            tolerances: Vec::new(),
             lease: Duration::from_secs(10),
             stages: vec![Stage {
                 name: "s".into(),
                 after: Duration::ZERO,
+                when: None,
+                overlap: false,
                 faults: faults
                     .iter()
                     .map(|(agent, kind)| PlannedFault {
@@ -101,6 +104,7 @@ mod tests {
             protected: Vec::new(),
             steady_state: None,
             stop_conditions: Vec::new(),
+            load: None,
         }
     }
 

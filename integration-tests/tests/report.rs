@@ -112,8 +112,10 @@ async fn the_report_of_a_two_stage_run_in_every_format() {
         report["hypothesis"],
         "Both containers run again once their faults are reverted."
     );
+    assert_eq!(report["report_version"], 2);
     assert_eq!(report["probes"], serde_json::json!([]));
-    assert!(report["telemetry"].is_null());
+    // Both agents streamed telemetry about their containers (eBPF on this project's kernels).
+    assert_eq!(report["telemetry"]["mechanism"], "bpf", "{report:#}");
     assert!(report["failure_detection_ms"].is_null());
     assert!(report["recovery_ms"].is_null());
     assert!(report["halt"].is_null());
@@ -190,6 +192,16 @@ async fn the_report_of_a_two_stage_run_in_every_format() {
     assert_eq!(totals["faults_verified"], 2);
     assert_eq!(totals["faults_reverted"], 2);
     assert_eq!(totals["faults_failed"], 0);
+    // The faults' window: the first apply to the last revert.
+    let during = &report["phases"]["during"];
+    assert_eq!(
+        during["start"]["offset_ms"], faults[0]["applied"]["offset_ms"],
+        "{report:#}"
+    );
+    assert_eq!(
+        during["end"]["offset_ms"], faults[1]["reverted"]["offset_ms"],
+        "{report:#}"
+    );
     let timeline = report["timeline"].as_array().unwrap();
     assert_eq!(timeline[0]["kind"], "run-started");
     assert_eq!(timeline[0]["offset_ms"], 0);

@@ -533,6 +533,10 @@ impl LocalCluster {
             self.layout.certs.as_os_str(),
             "--state-dir".as_ref(),
             state.as_os_str(),
+            // Several agents share this machine: each gets a free port for /metrics rather
+            // than all but one failing to bind the default.
+            "--metrics-listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
         ];
         let log = self.layout.log(name);
         let (process, _) = spawn(name, &bin_dir.join(AGENT_BIN), &args, &log, false)?;
@@ -709,15 +713,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().join("work");
         assert!(processes_using(&work).is_empty());
-        // A stand-in for an orphaned agent: `sh -c CMD NAME` puts NAME (here the certificate
-        // directory, as in `--certs DIR`) among its arguments.
-        let mut orphan = std::process::Command::new("sh")
+        // A stand-in for an orphaned agent: a long-lived process with the certificate directory
+        // among its arguments, as an agent has `--certs DIR`. Python sleeping never forks, so
+        // exactly one process matches (a shell loop would briefly show a forked copy of itself;
+        // so would a version-manager shim, hence the interpreter's own path).
+        let certs = Layout::new(&work).certs;
+        let mut orphan = std::process::Command::new("/usr/bin/python3")
             .arg("-c")
-            // A loop, so that no shell replaces itself with `sleep` (and loses NAME).
-            .arg("while :; do sleep 1; done")
-            .arg(Layout::new(&work).certs)
+            .arg("import time; time.sleep(600)")
+            .arg(&certs)
             .spawn()
             .unwrap();
+        // Until the child has exec'd, its command line is still this test's.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while processes_using(&work).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let found = processes_using(&work);
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].0, orphan.id());
@@ -737,7 +748,8 @@ mod tests {
 
         orphan.kill().unwrap();
         orphan.wait().unwrap();
-        assert!(processes_using(&work).is_empty());
+        let left = processes_using(&work);
+        assert!(left.is_empty(), "{left:?}");
     }
 
     /// Writes an executable shell script `name` into `dir`.

@@ -440,6 +440,153 @@ pub async fn apply_fault<R: ContainerRuntime, C: CommandRunner>(
     }
 }
 
+/// What a fault would do on this host, computed by the same resolve and prepare steps as
+/// [`apply_fault`] — nothing journaled, nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DryRun {
+    /// The identities the fault would act on, as [`Resolved`] prints them.
+    pub resolved: String,
+    /// The mechanism this host would use.
+    pub mechanism: String,
+    /// The exact actions, in order: command lines, cgroup file writes, Docker API calls,
+    /// signals, processes started.
+    pub actions: Vec<String>,
+}
+
+/// Resolves and prepares `spec` as [`apply_fault`] would, and reports the exact actions; changes
+/// nothing (target resolution only reads: Docker inspect, `/proc`, the cgroup tree).
+pub async fn dry_run_fault<R: ContainerRuntime, C: CommandRunner>(
+    backends: &Backends<R, C>,
+    fault_id: &str,
+    spec: &FaultSpec,
+) -> Result<DryRun, String> {
+    let tag = fault_tag(&backends.agent, fault_id);
+    let resolved = resolve(backends, spec).await?;
+    let (prepared, undo, mechanism) = prepare(backends, spec, &resolved, &tag).await?;
+    Ok(DryRun {
+        actions: describe_actions(&spec.kind, &prepared, &undo, &resolved),
+        resolved: resolved.to_string(),
+        mechanism,
+    })
+}
+
+/// The actions of a prepared fault, for a person reading a dry run.
+fn describe_actions(
+    kind: &FaultKind,
+    prepared: &Prepared,
+    undo: &Undo,
+    resolved: &Resolved,
+) -> Vec<String> {
+    let container = resolved
+        .container
+        .as_ref()
+        .map_or_else(|| "?".to_string(), |c| c.name.clone());
+    match prepared {
+        Prepared::Container => vec![match kind {
+            FaultKind::ContainerPause => format!("docker pause {container}"),
+            FaultKind::ContainerStop { grace_seconds } => {
+                format!("docker stop --time {grace_seconds} {container}")
+            }
+            FaultKind::ContainerKill { signal, .. } => {
+                format!("docker kill --signal {signal} {container}")
+            }
+            FaultKind::ContainerRestart { grace_seconds } => {
+                format!("docker restart --time {grace_seconds} {container}")
+            }
+            FaultKind::ContainerLimit {
+                millicpus,
+                memory_bytes,
+            } => {
+                let mut line = String::from("docker update");
+                if let Some(millicpus) = millicpus {
+                    line.push_str(&format!(" --cpus {}", *millicpus as f64 / 1000.0));
+                }
+                if let Some(bytes) = memory_bytes {
+                    line.push_str(&format!(" --memory {bytes}"));
+                }
+                format!("{line} {container}")
+            }
+            FaultKind::NetworkDisconnect { network } => {
+                format!("docker network disconnect {network} {container}")
+            }
+            other => format!("{} on {container}", other.name()),
+        }],
+        Prepared::Net(net::NetPrepared::Firewall(plan)) => {
+            plan.apply.iter().map(command_with_input).collect()
+        }
+        Prepared::Net(net::NetPrepared::Delay {
+            plan,
+            delay,
+            jitter,
+            ..
+        }) => {
+            let mut actions: Vec<String> = plan.apply.iter().map(command_with_input).collect();
+            actions.push(format!(
+                "start the NFQUEUE delay daemon holding packets {} ms ± {} ms",
+                delay.as_millis(),
+                jitter.as_millis()
+            ));
+            actions
+        }
+        Prepared::Net(net::NetPrepared::Tc(plan)) => {
+            plan.apply.iter().map(command_with_input).collect()
+        }
+        Prepared::Cgroup(plan) => plan
+            .writes
+            .iter()
+            .map(|(path, value)| format!("write {value:?} to {}", path.display()))
+            .collect(),
+        Prepared::Stressor(plan) => vec![match &plan.action {
+            crate::stress::StressAction::Spawn { program, args } => format!(
+                "start {} {} (its own process, moved into the target's cgroup)",
+                program.display(),
+                args.join(" ")
+            ),
+            crate::stress::StressAction::Fill { file, amount } => {
+                format!("create {} and fill it to {amount:?}", file.display())
+            }
+        }],
+        Prepared::ProcessStop => match undo {
+            Undo::Process(undo) => undo
+                .stopped
+                .iter()
+                .map(|process| format!("kill -STOP {process}"))
+                .collect(),
+            _ => Vec::new(),
+        },
+        Prepared::KillStorm(scope) => vec![match kind {
+            FaultKind::ProcessKill {
+                signal,
+                count,
+                interval_ms,
+                ..
+            } => format!(
+                "send {signal} {count} time(s), every {interval_ms} ms, to {}",
+                describe_scope(scope)
+            ),
+            other => format!("{} on {}", other.name(), describe_scope(scope)),
+        }],
+    }
+}
+
+/// A command line, followed by what it reads on stdin (an `nft -f -` script) as a here-doc.
+fn command_with_input(command: &crate::sys::command::CommandSpec) -> String {
+    match &command.stdin {
+        Some(input) => format!("{} <<'EOF'\n{}\nEOF", command.display(), input.trim_end()),
+        None => command.display(),
+    }
+}
+
+fn describe_scope(scope: &ProcessScope) -> String {
+    match scope {
+        ProcessScope::Container { container, name } => match name {
+            Some(name) => format!("processes named {name} in {container}"),
+            None => format!("the main process of {container}"),
+        },
+        ProcessScope::Host { selector } => format!("the host process {selector}"),
+    }
+}
+
 /// Undoes a journaled fault, then forgets it. Safe to repeat, and works from the journal
 /// entry alone (after a restart).
 pub async fn revert_fault<R: ContainerRuntime, C: CommandRunner>(

@@ -137,6 +137,12 @@ pub async fn start_storm<R: ContainerRuntime>(
             break;
         }
     }
+    // The storm can end (cancelled, or finished) before its first round reported a hit:
+    // nothing was delivered then, and saying "verified" would be a lie.
+    if hits.is_empty() {
+        procs::storms().remove(tag);
+        return Err("the kill storm ended before its first round hit any process".into());
+    }
     Ok(format!(
         "verified: {signal} delivered to {} (round 1 of {count})",
         hits.join(", ")

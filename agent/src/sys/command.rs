@@ -4,6 +4,8 @@
 //!
 //! [`CommandRunner`] is the seam: [`HostRunner`] runs for real; [`RecordingRunner`] records
 //! command lines and replays scripted answers for unit tests of the builders' callers.
+//! [`run_bounded`] runs a program for its answer (command probes): minimal environment,
+//! deadline enforced on its whole process group, bounded output.
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
@@ -275,6 +277,179 @@ impl CommandRunner for RecordingRunner {
             .and_then(|index| answers.remove(index))
             .map(|(_, output)| output)
             .unwrap_or_default())
+    }
+}
+
+/// `PATH` of a bounded program ([`run_bounded`]); also where bare program names are looked up.
+pub const BOUNDED_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A program run for its answer rather than its effect (a steady-state probe): executed
+/// directly (no shell), stdin from /dev/null, an environment of only `PATH=`[`BOUNDED_PATH`]
+/// and `LC_ALL=C`, `/` as working directory, in a process group of its own that is killed
+/// when `timeout` runs out, with only a bounded part of its output kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundedSpec {
+    /// Absolute path of the program (already resolved: nothing is looked up here).
+    pub program: std::path::PathBuf,
+    /// Arguments after the program.
+    pub args: Vec<String>,
+    pub timeout: Duration,
+    /// At most this many bytes of stdout are kept (from the start); the rest is read and dropped.
+    pub stdout_limit: usize,
+    /// At most this many bytes of stderr are kept (from the end).
+    pub stderr_tail: usize,
+}
+
+impl BoundedSpec {
+    /// The command line as a person would type it, for errors and logs.
+    pub fn display(&self) -> String {
+        CommandSpec::new(&self.program.to_string_lossy(), self.args.iter().cloned()).display()
+    }
+}
+
+/// How a bounded program ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BoundedOutput {
+    /// Set when the program exited by itself.
+    pub exit_code: Option<i32>,
+    /// Set when a signal ended it (SIGKILL when it timed out).
+    pub signal: Option<i32>,
+    pub stdout: Vec<u8>,
+    /// The program wrote more than `stdout_limit` bytes.
+    pub stdout_truncated: bool,
+    pub stderr_tail: Vec<u8>,
+    /// Killed because it ran past its timeout.
+    pub timed_out: bool,
+    /// From spawn to exit (or kill).
+    pub elapsed: Duration,
+}
+
+/// How long reaping a killed program may take before it is left to `kill_on_drop`.
+const REAP_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs `spec` (see [`BoundedSpec`]). Fails only when the program cannot be started; a program
+/// that fails, is killed or times out is an `Ok` output saying so.
+///
+/// The deadline covers the program *and* its output: a program that exits while something it
+/// started keeps its stdout open is, at the deadline, treated like one that is still running
+/// (its process group is killed) except that its exit code is kept.
+pub async fn run_bounded(spec: &BoundedSpec) -> Result<BoundedOutput, CommandError> {
+    use std::os::unix::process::ExitStatusExt;
+
+    let mut command = tokio::process::Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .env_clear()
+        .env("PATH", BOUNDED_PATH)
+        .env("LC_ALL", "C")
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let started = tokio::time::Instant::now();
+    let mut child = command.spawn().map_err(|source| CommandError::Spawn {
+        command: spec.display(),
+        source,
+    })?;
+    // The group id is the child's pid (process_group(0)); taken now, before it is reaped.
+    let group = child.id().and_then(|id| i32::try_from(id).ok());
+    let (stdout_pipe, stderr_pipe) = (child.stdout.take(), child.stderr.take());
+    let mut output = BoundedOutput::default();
+    let mut stderr = Vec::new();
+    let finished = tokio::time::timeout_at(started + spec.timeout, async {
+        let (status, (), ()) = tokio::join!(
+            child.wait(),
+            read_head(
+                stdout_pipe,
+                &mut output.stdout,
+                spec.stdout_limit,
+                &mut output.stdout_truncated
+            ),
+            read_tail(stderr_pipe, &mut stderr, spec.stderr_tail),
+        );
+        status
+    })
+    .await;
+    let status = match finished {
+        Ok(status) => status,
+        Err(_elapsed) => {
+            // Still running, or exited with its output held open by something it started:
+            // either way its whole process group goes.
+            output.timed_out = !matches!(child.try_wait(), Ok(Some(_)));
+            if let Some(group) = group {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(group),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            match tokio::time::timeout(REAP_GRACE, child.wait()).await {
+                Ok(status) => status,
+                Err(_) => Err(std::io::Error::other("not reaped after SIGKILL")),
+            }
+        }
+    };
+    output.elapsed = started.elapsed();
+    output.stderr_tail = stderr;
+    match status {
+        Ok(status) => {
+            output.exit_code = status.code();
+            output.signal = status.signal();
+        }
+        Err(error) => {
+            tracing::warn!(command = %spec.display(), %error, "could not reap a probe program");
+            output.signal = Some(libc::SIGKILL);
+        }
+    }
+    Ok(output)
+}
+
+/// Reads `pipe` to its end, keeping the first `limit` bytes in `kept`.
+async fn read_head(
+    pipe: Option<impl tokio::io::AsyncRead + Unpin>,
+    kept: &mut Vec<u8>,
+    limit: usize,
+    truncated: &mut bool,
+) {
+    use tokio::io::AsyncReadExt;
+
+    let Some(mut pipe) = pipe else { return };
+    let mut chunk = [0u8; 4096];
+    loop {
+        match pipe.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let take = n.min(limit.saturating_sub(kept.len()));
+                kept.extend_from_slice(&chunk[..take]);
+                if take < n {
+                    *truncated = true;
+                }
+            }
+        }
+    }
+}
+
+/// Reads `pipe` to its end, keeping the last `limit` bytes in `kept`.
+async fn read_tail(
+    pipe: Option<impl tokio::io::AsyncRead + Unpin>,
+    kept: &mut Vec<u8>,
+    limit: usize,
+) {
+    use tokio::io::AsyncReadExt;
+
+    let Some(mut pipe) = pipe else { return };
+    let mut chunk = [0u8; 4096];
+    loop {
+        match pipe.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                kept.extend_from_slice(&chunk[..n]);
+                if kept.len() > limit {
+                    kept.drain(..kept.len() - limit);
+                }
+            }
+        }
     }
 }
 
