@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod report_support;
+
 use faultline_integration_tests::cluster::Cluster;
 use faultline_integration_tests::docker::{TestContainer, docker};
 use serde_json::Value;
@@ -309,4 +311,9 @@ async fn a_triggered_stage_starts_only_once_its_condition_holds() {
         assert_eq!(container.state().await.unwrap(), "running");
         assert_eq!(&started_at(container).await, before, "{}", container.name);
     }
+
+    // The run's report validates and tells the same story.
+    let report = report_support::validated_report(&cluster, &run_id).await;
+    assert_eq!(report["totals"]["stages_finished"], 3, "{report:#}");
+    assert_eq!(report["totals"]["faults_reverted"], 3, "{report:#}");
 }

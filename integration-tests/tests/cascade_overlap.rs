@@ -10,6 +10,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+mod report_support;
+
 use faultline_integration_tests::cluster::Cluster;
 use faultline_integration_tests::docker::TestContainer;
 use serde_json::Value;
@@ -170,4 +172,13 @@ stages:
     assert_eq!(third.state().await.unwrap(), "running");
     assert_ne!(process_state(service_pid), 'T');
     drop(service);
+
+    // The report: the service's probe failed while it was frozen, and came back.
+    let report = report_support::validated_report(&cluster, &run_id).await;
+    assert_eq!(report["totals"]["faults_reverted"], 3, "{report:#}");
+    let svc = &report["probes"][0];
+    assert_eq!(svc["name"], "svc");
+    assert!(svc["during"]["errors"].as_u64().unwrap() > 0, "{svc:#}");
+    assert_eq!(svc["baseline"]["errors"], 0, "{svc:#}");
+    assert!(report["failure_detection_ms"].is_i64(), "{report:#}");
 }

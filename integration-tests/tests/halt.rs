@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+mod report_support;
+
 use faultline_integration_tests::cluster::Cluster;
 use faultline_integration_tests::docker::TestContainer;
 
@@ -156,4 +158,10 @@ async fn halt_reverts_every_fault_on_every_agent_and_blocks_new_runs_until_relea
         actions.contains(&"halt") && actions.contains(&"halt-release"),
         "{actions:?}"
     );
+
+    // The halted run's report validates and carries the halt and its latency.
+    let report = report_support::validated_report(&cluster, &run_id).await;
+    assert_eq!(report["run"]["state"], "halted");
+    assert_eq!(report["halt"]["faults_reverted"], 3, "{report:#}");
+    assert!(report["halt"]["latency_ms"].is_u64(), "{report:#}");
 }

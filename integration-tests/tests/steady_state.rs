@@ -14,6 +14,8 @@ use std::io::{Read as _, Write as _};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+mod report_support;
+
 use faultline_integration_tests::cluster::Cluster;
 use faultline_integration_tests::docker::TestContainer;
 use serde_json::Value;
@@ -166,6 +168,13 @@ async fn a_stop_condition_aborts_the_run_and_reverts_its_faults() {
     // Window (1s) + evaluation period + revert, far from the fault's 60s.
     assert!(took < Duration::from_secs(10), "stopped after {took:?}");
     assert!(!events_of(&run, "fault-reverted").is_empty(), "{run}");
+
+    let report = report_support::validated_report(&cluster, &run_id).await;
+    assert_eq!(report["run"]["state"], "aborted");
+    assert_eq!(
+        report["verdict"], "refuted",
+        "a stop condition refutes: {report:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
