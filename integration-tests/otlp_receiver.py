@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
-"""A minimal OTLP/gRPC trace receiver for the integration tests.
+"""A minimal OTLP trace and metrics receiver for the integration tests.
 
-Usage: otlp_receiver.py OUT.jsonl [--http]
-OTLP/gRPC (TraceService/Export), or with --http OTLP/HTTP with protobuf bodies
-(POST /v1/traces). Binds 127.0.0.1 on a free port, prints `listening on 127.0.0.1:PORT`
-(flushed), and appends
-one JSON object per received span to OUT.jsonl:
+Usage: otlp_receiver.py OUT.jsonl [--http] [--metrics METRICS.jsonl]
+OTLP/gRPC (TraceService/Export, MetricsService/Export), or with --http OTLP/HTTP with
+protobuf bodies (POST /v1/traces, /v1/metrics). Binds 127.0.0.1 on a free port, prints
+`listening on 127.0.0.1:PORT` (flushed), and appends one JSON object per received span to
+OUT.jsonl:
   {"service", "resource": {..}, "trace_id", "span_id", "parent_span_id", "name",
    "start_ns", "end_ns", "attributes": {..}, "events": [..]}
+and, with --metrics, one per received metric data point to METRICS.jsonl (metrics are
+accepted and discarded otherwise):
+  {"service", "resource": {..}, "name", "unit", "type": "sum" | "gauge" | "histogram",
+   "monotonic" (sums), "temporality" (sums, histograms), "time_ns", "attributes": {..},
+   "value" (sums, gauges) | "count", "sum", "bounds", "bucket_counts" (histograms)}
 Needs `grpcio` and `opentelemetry-proto` (PyPI). Exits on SIGTERM.
 """
 
@@ -19,6 +24,10 @@ import threading
 from concurrent import futures
 
 import grpc
+from opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
 from opentelemetry.proto.collector.trace.v1 import (
     trace_service_pb2,
     trace_service_pb2_grpc,
@@ -80,18 +89,77 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                     f.write(line + "\n")
 
 
-def serve_http(receiver):
+def number_of(point):
+    return point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
+
+
+class MetricsReceiver(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, out):
+        self.out = out
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        self.record(request)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+    def record(self, request):
+        if self.out is None:
+            return
+        lines = []
+        for resource_metrics in request.resource_metrics:
+            resource = attrs(resource_metrics.resource.attributes)
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    kind = metric.WhichOneof("data")
+                    base = {
+                        "service": resource.get("service.name"),
+                        "resource": resource,
+                        "name": metric.name,
+                        "unit": metric.unit,
+                        "type": kind,
+                    }
+                    data = getattr(metric, kind)
+                    for point in data.data_points:
+                        line = dict(base)
+                        line["time_ns"] = point.time_unix_nano
+                        line["attributes"] = attrs(point.attributes)
+                        if kind == "sum":
+                            line["monotonic"] = data.is_monotonic
+                            line["temporality"] = data.aggregation_temporality
+                            line["value"] = number_of(point)
+                        elif kind == "gauge":
+                            line["value"] = number_of(point)
+                        elif kind == "histogram":
+                            line["temporality"] = data.aggregation_temporality
+                            line["count"] = point.count
+                            line["sum"] = point.sum
+                            line["bounds"] = list(point.explicit_bounds)
+                            line["bucket_counts"] = list(point.bucket_counts)
+                        lines.append(json.dumps(line))
+        with self.lock:
+            with open(self.out, "a", encoding="utf-8") as f:
+                for line in lines:
+                    f.write(line + "\n")
+
+
+def serve_http(receiver, metrics):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            if self.path != "/v1/traces":
+            if self.path == "/v1/traces":
+                request = trace_service_pb2.ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                receiver.record(request)
+                answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+            elif self.path == "/v1/metrics":
+                request = metrics_service_pb2.ExportMetricsServiceRequest()
+                request.ParseFromString(body)
+                metrics.record(request)
+                answer = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
+            else:
                 self.send_response(404)
                 self.end_headers()
                 return
-            request = trace_service_pb2.ExportTraceServiceRequest()
-            request.ParseFromString(body)
-            receiver.record(request)
-            answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
             self.send_response(200)
             self.send_header("Content-Type", "application/x-protobuf")
             self.send_header("Content-Length", str(len(answer)))
@@ -109,11 +177,17 @@ def serve_http(receiver):
 
 def main():
     out = sys.argv[1]
-    if "--http" in sys.argv[2:]:
-        serve_http(Receiver(out))
+    options = sys.argv[2:]
+    metrics_out = None
+    if "--metrics" in options:
+        metrics_out = options[options.index("--metrics") + 1]
+    metrics = MetricsReceiver(metrics_out)
+    if "--http" in options:
+        serve_http(Receiver(out), metrics)
         return
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(out), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(metrics, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(f"listening on 127.0.0.1:{port}", flush=True)

@@ -43,7 +43,7 @@ use crate::engine::EngineHandle;
 use crate::faults::Backends;
 use crate::journal::Journal;
 use crate::ledger::DurableLedger;
-use crate::link::{Link, Registration};
+use crate::link::{CoordinatorAddress, Link, Registration};
 use crate::preflight::HostCaps;
 use crate::runtime::docker::DockerRuntime;
 use crate::sys::command::HostRunner;
@@ -52,7 +52,9 @@ use crate::verify::Verifier;
 /// How the agent is started.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    pub coordinator: String,
+    /// Coordinator URLs, tried in turn (replicas of a highly available coordinator: only the
+    /// active one listens). Must not be empty.
+    pub coordinators: Vec<String>,
     pub name: String,
     pub certs: PathBuf,
     pub state_dir: PathBuf,
@@ -75,6 +77,8 @@ pub enum AgentError {
         dir: PathBuf,
         source: faultline_tls::TlsError,
     },
+    #[error("no coordinator address configured (--coordinator)")]
+    NoCoordinator,
 }
 
 /// Runs the agent until `shutdown` resolves, then reverts every fault in force.
@@ -98,9 +102,22 @@ pub async fn run(
         source,
     };
     let key = faultline_tls::layout::load_verifying_key(&certs.verifying_key()).map_err(tls_err)?;
-    let channel =
-        faultline_tls::client::channel(&config.coordinator, &certs, Role::Agent, &config.name)
+    let mut coordinators = Vec::with_capacity(config.coordinators.len());
+    for url in &config.coordinators {
+        let channel = faultline_tls::client::channel(url, &certs, Role::Agent, &config.name)
             .map_err(tls_err)?;
+        coordinators.push(CoordinatorAddress {
+            url: url.clone(),
+            channel,
+        });
+    }
+    let mut coordinators = coordinators.into_iter();
+    let first = coordinators.next().ok_or(AgentError::NoCoordinator)?;
+    let more: Vec<_> = coordinators.collect();
+    let mut protect = Vec::new();
+    for url in &config.coordinators {
+        protect.extend(coordinator_addresses(url).await);
+    }
 
     let runtime = Arc::new(connect_docker().await);
     let commands = Arc::new(HostRunner);
@@ -111,12 +128,14 @@ pub async fn run(
         commands,
         caps: Arc::clone(&caps),
         agent: config.name.clone(),
-        protect: coordinator_addresses(&config.coordinator).await,
+        protect,
         agent_exe: std::env::current_exe().unwrap_or_else(|_| "faultline-agent".into()),
     };
     // The engine starts first: it reverts journaled faults even while the coordinator is away.
     let engine = EngineHandle::spawn(backends, journal, reports_tx);
-    let telemetry = telemetry::start_for_agent(Arc::clone(&runtime), channel.clone()).await;
+    // The telemetry uplink streams to whichever coordinator address the link is using.
+    let (active_tx, active_rx) = watch::channel(first.channel.clone());
+    let telemetry = telemetry::start_for_agent(Arc::clone(&runtime), active_rx).await;
     let mut capabilities = caps.capabilities();
     if let Some(telemetry) = &telemetry {
         capabilities.extend(preflight::telemetry_capabilities(
@@ -130,7 +149,15 @@ pub async fn run(
         capabilities,
     };
     let verifier = Verifier::new(key, config.name.clone(), ledger);
-    let mut link = Link::new(channel, registration, verifier, engine.clone(), reports_rx);
+    let mut link = Link::new(
+        first,
+        more,
+        registration,
+        verifier,
+        engine.clone(),
+        reports_rx,
+    )
+    .publishing_active(active_tx);
     if let Some(telemetry) = telemetry {
         link = link.with_telemetry(telemetry);
     }

@@ -3,6 +3,12 @@
 //! with capped, jittered backoff. Reports produced while disconnected are kept (bounded) and
 //! sent after reconnecting.
 //!
+//! With several coordinator addresses (replicas of a highly available coordinator, of which
+//! only the active one listens) the link tries them in turn and sticks to the one that
+//! answers: after a lost or refused session it moves on to the next address, a short pause
+//! between addresses, the growing backoff only between full rounds. The address in use is
+//! published on a watch ([`Link::active_channel`]) so the telemetry uplink follows it.
+//!
 //! Verified probe requests do not go to the engine: each runs in a task of its own
 //! ([`ProbeExecutor`]), so a slow probe never delays a fault or a revert, and its result goes
 //! back on the session that asked for it (a result for a lost session is dropped: the
@@ -40,10 +46,21 @@ pub struct Registration {
     pub capabilities: Vec<pb::Capability>,
 }
 
+/// One coordinator address and its (lazily connecting) channel.
+#[derive(Debug, Clone)]
+pub struct CoordinatorAddress {
+    pub url: String,
+    pub channel: Channel,
+}
+
 /// Drives the connection until `shutdown` turns true.
 #[derive(Debug)]
 pub struct Link {
-    pub channel: Channel,
+    /// Never empty (checked by [`Link::new`]'s caller; an empty list would never connect).
+    pub coordinators: Vec<CoordinatorAddress>,
+    /// Index into `coordinators` of the address tried next / in use.
+    current: usize,
+    active: watch::Sender<Channel>,
     pub registration: Registration,
     pub verifier: Verifier,
     pub engine: EngineHandle,
@@ -60,15 +77,23 @@ enum SessionEnd {
 }
 
 impl Link {
+    /// A link over `coordinators` (in the order they are tried); `first` is their first entry
+    /// and makes an empty list impossible.
     pub fn new(
-        channel: Channel,
+        first: CoordinatorAddress,
+        more: Vec<CoordinatorAddress>,
         registration: Registration,
         verifier: Verifier,
         engine: EngineHandle,
         reports: mpsc::Receiver<pb::CommandReport>,
     ) -> Self {
+        let (active, _) = watch::channel(first.channel.clone());
+        let mut coordinators = vec![first];
+        coordinators.extend(more);
         Self {
-            channel,
+            coordinators,
+            current: 0,
+            active,
             registration,
             verifier,
             engine,
@@ -80,6 +105,25 @@ impl Link {
         }
     }
 
+    /// The channel of the coordinator address in use (the last one that answered), for
+    /// streams of their own such as telemetry.
+    pub fn active_channel(&self) -> watch::Receiver<Channel> {
+        self.active.subscribe()
+    }
+
+    /// Publishes the channel in use on `active` (made before the link, for services started
+    /// earlier) instead of a watch of its own.
+    pub fn publishing_active(mut self, active: watch::Sender<Channel>) -> Self {
+        self.active = active;
+        self
+    }
+
+    /// The address in use.
+    fn coordinator(&self) -> &CoordinatorAddress {
+        // `current` is always kept below the length, and the list is never empty.
+        &self.coordinators[self.current % self.coordinators.len()]
+    }
+
     /// Hands telemetry subscriptions to `telemetry` (without it they are logged and ignored).
     pub fn with_telemetry(mut self, telemetry: TelemetryHandle) -> Self {
         self.telemetry = Some(telemetry);
@@ -88,19 +132,36 @@ impl Link {
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_START;
+        // Addresses tried since the last full round (or the last session that lasted).
+        let mut tried_in_round = 0usize;
         loop {
             let started = tokio::time::Instant::now();
+            let url = self.coordinator().url.clone();
             match self.session(&mut shutdown).await {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Lost(why) => {
                     // A session that lasted a while resets the backoff.
                     if started.elapsed() > BACKOFF_MAX * 2 {
                         backoff = BACKOFF_START;
+                        tried_in_round = 0;
                     }
-                    tracing::warn!(retry_in = ?backoff, "coordinator link lost: {why}");
+                    tracing::warn!(coordinator = %url, "coordinator link lost: {why}");
                 }
             }
-            let wait = backoff + jitter(backoff / 4);
+            // The address that failed may be a replica that stopped being (or never was)
+            // active: the next one is tried first.
+            self.current = (self.current + 1) % self.coordinators.len();
+            tried_in_round += 1;
+            let round_done = tried_in_round >= self.coordinators.len();
+            // Within a round, a short pause: a standby that just took over is listening
+            // already. Between rounds, the growing backoff.
+            let pause = if round_done { backoff } else { BACKOFF_START };
+            if round_done {
+                tried_in_round = 0;
+            }
+            tracing::info!(retry_in = ?pause, next = %self.coordinator().url,
+                "reconnecting to coordinator");
+            let wait = pause + jitter(pause / 4);
             let sleep = tokio::time::sleep(wait);
             tokio::pin!(sleep);
             // Keep collecting reports while waiting, so the engine never blocks on us.
@@ -114,7 +175,9 @@ impl Link {
                     _ = shutdown.changed() => if *shutdown.borrow() { return },
                 }
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            if round_done {
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
         }
     }
 
@@ -147,7 +210,8 @@ impl Link {
         {
             return SessionEnd::Lost("local stream closed".into());
         }
-        let mut client = pb::agent_link_client::AgentLinkClient::new(self.channel.clone());
+        let coordinator = self.coordinator().clone();
+        let mut client = pb::agent_link_client::AgentLinkClient::new(coordinator.channel.clone());
         let response = tokio::select! {
             response = client.session(ReceiverStream::new(rx)) => response,
             _ = shutdown.changed() => return SessionEnd::Shutdown,
@@ -158,7 +222,10 @@ impl Link {
                 return SessionEnd::Lost(format!("{}: {}", status.code(), status.message()));
             }
         };
-        tracing::info!(agent = %self.registration.name, "connected to coordinator");
+        tracing::info!(agent = %self.registration.name, coordinator = %coordinator.url,
+            "connected to coordinator {}", coordinator.url);
+        // Streams of their own (telemetry) follow the address that answered.
+        self.active.send_replace(coordinator.channel.clone());
 
         // Deliver what piled up while we were away.
         while let Some(report) = self.pending.pop_front() {

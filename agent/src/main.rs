@@ -10,9 +10,17 @@ use faultline_agent::{AgentConfig, run};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Coordinator URL, e.g. https://127.0.0.1:7443.
-    #[arg(long, env = "FAULTLINE_COORDINATOR")]
-    coordinator: String,
+    /// Coordinator URL, e.g. https://127.0.0.1:7443. Several (comma-separated and/or the flag
+    /// repeated) for replicas of a highly available coordinator: they are tried in turn and
+    /// the agent sticks to the one that answers (only the active replica listens).
+    #[arg(
+        long,
+        env = "FAULTLINE_COORDINATOR",
+        value_delimiter = ',',
+        required = true,
+        num_args = 1
+    )]
+    coordinator: Vec<String>,
     /// This agent's name; must match its certificate (agent-NAME.pem).
     #[arg(long, env = "FAULTLINE_AGENT_NAME")]
     name: String,
@@ -26,15 +34,20 @@ struct Args {
         default_value = "/var/lib/faultline-agent"
     )]
     state_dir: PathBuf,
-    /// Plain-HTTP listener for Prometheus (`GET /metrics`); `off` disables it, port 0 picks a
-    /// free port (logged as `metrics listening on http://ADDR/metrics`). No authentication:
-    /// keep it on loopback or a trusted network.
+    /// Listener for Prometheus (`GET /metrics`); `off` disables it, port 0 picks a free port
+    /// (logged as `metrics listening on http(s)://ADDR/metrics`). No authentication: keep it
+    /// on loopback or a trusted network.
     #[arg(
         long,
         env = "FAULTLINE_METRICS_LISTEN",
         default_value = "127.0.0.1:9465"
     )]
     metrics_listen: String,
+    /// Serve /metrics over HTTPS with this agent's certificate (agent-NAME.pem/.key of
+    /// --certs), which must allow server use (serverAuth); `faultline certs` issues agent
+    /// certificates for client use only, so the listener then stays off (logged).
+    #[arg(long, env = "FAULTLINE_METRICS_TLS")]
+    metrics_tls: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,10 +75,22 @@ async fn agent_main() -> anyhow::Result<()> {
         &args.name,
     );
     faultline_agent::metrics::preset();
-    faultline_agent::metrics::start(&faultline_agent::metrics::REGISTRY, &args.metrics_listen)
-        .await;
+    let certs = faultline_tls::layout::CertDir::new(&args.certs);
+    faultline_observability::start_metrics(
+        &faultline_agent::metrics::REGISTRY,
+        &args.metrics_listen,
+        args.metrics_tls,
+        &certs.agent_cert(&args.name),
+        &certs.agent_key(&args.name),
+    )
+    .await;
     let config = AgentConfig {
-        coordinator: args.coordinator,
+        coordinators: args
+            .coordinator
+            .into_iter()
+            .map(|url| url.trim().to_string())
+            .filter(|url| !url.is_empty())
+            .collect(),
         name: args.name,
         certs: args.certs,
         state_dir: args.state_dir,
@@ -88,5 +113,40 @@ async fn shutdown_signal() {
             tracing::error!(%err, "cannot listen for SIGTERM; stopping on Ctrl-C only");
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn coordinators(args: &[&str]) -> Vec<String> {
+        let mut argv = vec!["faultline-agent", "--name", "a", "--certs", "c"];
+        argv.extend_from_slice(args);
+        match Args::try_parse_from(argv) {
+            Ok(args) => args.coordinator,
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    #[test]
+    fn several_coordinators_comma_separated_and_repeated() {
+        assert_eq!(
+            coordinators(&["--coordinator", "https://a:1"]),
+            ["https://a:1"]
+        );
+        assert_eq!(
+            coordinators(&["--coordinator", "https://a:1,https://b:2"]),
+            ["https://a:1", "https://b:2"]
+        );
+        assert_eq!(
+            coordinators(&[
+                "--coordinator",
+                "https://a:1",
+                "--coordinator",
+                "https://b:2,https://c:3"
+            ]),
+            ["https://a:1", "https://b:2", "https://c:3"]
+        );
     }
 }

@@ -1,28 +1,48 @@
-//! What the telemetry programs cost: a workload with a known event mix runs with the programs
-//! detached, attached, and attached with the kernel's per-program run-time accounting on; the
-//! figures are printed, nothing is asserted.
+//! What the telemetry programs cost: a workload driven at known event rates runs alternately
+//! with the programs detached and attached, several times; the figures are printed, nothing is
+//! asserted.
 //!
 //! ```text
-//! cargo bench -p faultline-bpf --bench overhead                      # ~20 s, as root
-//! cargo bench -p faultline-bpf --bench overhead -- --seconds 10 --rate 50000 --workloads switch
+//! cargo bench -p faultline-bpf --bench overhead                      # ~10 min, as root
+//! cargo bench -p faultline-bpf --bench overhead -- --workloads switch --events 50000 --reps 9
 //! ```
 //!
 //! Flags: `--seconds S` per phase (default 2), `--workloads tcp,switch,exec` (default all),
-//! `--rate N` operations per second (default: as fast as possible, a closed loop).
+//! `--events 10000,50000,100000` target program runs (events) per second (default those
+//! three; `0` runs the workload unpaced, a closed loop), `--reps N` detached/attached pairs
+//! per rate (default 5), `--slices N` pairs of 1 s slices of the interleaved measurement per
+//! paced rate (default 10; 0 skips it).
 //!
-//! Workloads, each in a child process (this process plays the agent: it loads the programs,
-//! polls the ring buffers every 100 ms and reads the maps every second):
+//! Method. Each workload runs in a child process; this process plays the agent (it loads the
+//! programs, polls the ring buffers every 100 ms and reads the maps every second). A short
+//! calibration phase (attached, with the kernel's per-program accounting on) measures the
+//! workload's events per operation, which turns a target event rate into an operation rate
+//! (corrected once after a second at that rate: a paced worker's own sleeps add events).
+//! The worker is pinned to the last CPU, the loader left free to use the others.
+//! Then, per rate, `reps` pairs of phases run, alternately detached-first and attached-first
+//! (so a drift of the machine's load hits both sides alike); "attached" loads the programs
+//! afresh and "detached" drops them. Slowdown is computed per pair — the worker's CPU time
+//! per operation (user + system: programs run in the context of the task that triggers them,
+//! so their cost lands there) and its throughput, attached vs detached — and printed as the
+//! median with the minimum and maximum over the pairs. A last attached phase with
+//! `kernel.bpf_stats_enabled` on gives the events handled per second and their average cost
+//! (the accounting itself adds two clock reads per run, so this cost is an upper bound), and
+//! the "accounted cost": the programs' run time over the worker's CPU time without it, a
+//! steady estimate of the direct slowdown (an upper bound too: it also includes programs run
+//! for the rest of the host) next to the measured one, whose pair-to-pair noise is large.
+//! CPU time misses part of the cost, though: the kernel charges the time of a switch to the
+//! task switched in, the idle task included. So a last, interleaved measurement (see
+//! [`interleaved`]) takes the workload's own view: the latency of an operation, in one
+//! long-lived workload, programs detached and attached in alternate 1 s slices. The
+//! programs run unscoped: every event on the host is processed and counted in the maps (the
+//! worst case for map updates), so other activity on the machine adds noise.
+//!
+//! Workloads:
 //! - `tcp`: connect to a listener on 127.0.0.1, the server closes, the client reads EOF and
 //!   closes — about ten TCP state changes and two socket destructions per operation;
 //! - `switch`: two threads bounce a byte over a Unix socket pair — two wake-ups and two to
 //!   four context switches per operation;
 //! - `exec`: fork and exec `/bin/true` — exec and exit events through a ring buffer.
-//!
-//! Printed: operations/s and the worker's CPU per operation in each phase (the slowdown is
-//! their change), the loader's CPU% and RSS, program runs/s ("events handled"), their
-//! average cost and share of one core, ring-buffer events/s and every drop counter. The
-//! programs run unscoped (every event on the host is processed: the worst case), so other
-//! activity on the machine adds noise; use longer `--seconds` for steadier figures.
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
@@ -69,6 +89,11 @@ impl Workload {
 struct Args {
     seconds: f64,
     workloads: Vec<Workload>,
+    /// Target events per second; 0: unpaced.
+    events: Vec<u64>,
+    reps: usize,
+    /// Pairs of 1 s slices in the interleaved measurement (0: skip it).
+    slices: usize,
     rate: Option<u64>,
     worker: Option<Workload>,
 }
@@ -77,6 +102,9 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         seconds: 2.0,
         workloads: vec![Workload::Tcp, Workload::Switch, Workload::Exec],
+        events: vec![10_000, 50_000, 100_000],
+        reps: 5,
+        slices: 10,
         rate: None,
         worker: None,
     };
@@ -90,12 +118,32 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|e| format!("--seconds: {e}"))?
             }
+            // The worker's pace, operations per second (the parent computes it).
             "--rate" => {
                 args.rate = Some(
                     value("--rate")?
                         .parse()
                         .map_err(|e| format!("--rate: {e}"))?,
                 )
+            }
+            "--events" => {
+                args.events = value("--events")?
+                    .split(',')
+                    .map(|n| n.parse().map_err(|e| format!("--events {n}: {e}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "--reps" => {
+                args.reps = value("--reps")?
+                    .parse()
+                    .map_err(|e| format!("--reps: {e}"))?;
+                if args.reps == 0 {
+                    return Err("--reps must be at least 1".into());
+                }
+            }
+            "--slices" => {
+                args.slices = value("--slices")?
+                    .parse()
+                    .map_err(|e| format!("--slices: {e}"))?
             }
             "--workloads" => {
                 args.workloads = value("--workloads")?
@@ -132,18 +180,30 @@ fn main() {
     }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
-        "faultline-bpf overhead: kernel {}, {} CPUs, {} s per phase, rate {}",
+        "faultline-bpf overhead: kernel {}, {} CPUs, load average {}, {} s per phase, \
+         {} detached/attached pairs per rate",
         release.trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average(),
         args.seconds,
-        args.rate
-            .map_or("unpaced (closed loop)".to_owned(), |r| format!("{r} ops/s"))
+        args.reps,
     );
+    let mut rows = Vec::new();
     for w in &args.workloads {
-        if let Err(e) = bench(*w, &args) {
-            println!("{}: failed: {e}", w.name());
+        match bench(*w, &args) {
+            Ok(mut r) => rows.append(&mut r),
+            Err(e) => println!("{}: failed: {e}", w.name()),
         }
     }
+    print_summary(&rows);
+    println!("load average at the end: {}", load_average());
+}
+
+/// `/proc/loadavg`'s first three fields.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// What one phase measured.
@@ -153,6 +213,7 @@ struct Phase {
     worker_cpu: Duration,
     loader_cpu: Option<Duration>,
     loader_rss_kib: Option<u64>,
+    /// Events read from the ring buffers (printed per rate).
     ring_events: u64,
     programs: Vec<ProgramStats>,
     before: Option<Snapshot>,
@@ -169,126 +230,377 @@ impl Phase {
     }
 }
 
-fn bench(w: Workload, args: &Args) -> Result<(), String> {
+/// One line of the summary: a workload at one target rate.
+struct Row {
+    workload: Workload,
+    target: u64,
+    ops_detached: f64,
+    ops_attached: f64,
+    /// Per pair, percent.
+    cpu_slowdowns: Vec<f64>,
+    throughput_slowdowns: Vec<f64>,
+    loader_cpu: f64,
+    loader_rss_kib: u64,
+    events_per_s: f64,
+    ns_per_event: f64,
+    /// The programs' accounted run time as a percentage of the worker's CPU time without it,
+    /// in the phase with accounting on: the direct cost, precise but an upper bound (it
+    /// includes the accounting's clock reads and programs run for other tasks of the host).
+    accounted_cost: f64,
+    /// Per slice pair of the interleaved measurement, percent (empty: not run).
+    interleaved: Vec<f64>,
+    drops: u64,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn spread(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(*v), hi.max(*v))
+        })
+}
+
+/// Loads the programs, runs one phase attached (with per-program accounting when `stats`),
+/// and detaches them again.
+fn attached_phase(
+    w: Workload,
+    secs: Duration,
+    rate: Option<u64>,
+    stats: bool,
+) -> Result<Phase, String> {
+    let mut t = Telemetry::load(&Options::default()).map_err(|e| e.to_string())?;
+    if !stats {
+        return run_phase(w, secs, rate, Some(&mut t));
+    }
+    let _on = BpfStats::enable()?;
+    let before = t.program_stats().map_err(|e| e.to_string())?;
+    let mut p = run_phase(w, secs, rate, Some(&mut t))?;
+    let after = t.program_stats().map_err(|e| e.to_string())?;
+    p.programs = after
+        .iter()
+        .map(|a| {
+            let b = before
+                .iter()
+                .find(|b| b.name == a.name && b.group == a.group);
+            ProgramStats {
+                group: a.group,
+                name: a.name.clone(),
+                run_count: a.run_count - b.map_or(0, |b| b.run_count),
+                run_time: a.run_time - b.map_or(Duration::ZERO, |b| b.run_time),
+            }
+        })
+        .collect();
+    Ok(p)
+}
+
+/// Program runs per second and their average cost in a phase measured with accounting on.
+fn program_rates(p: &Phase) -> (f64, f64) {
+    let runs: u64 = p.programs.iter().map(|p| p.run_count).sum();
+    let run_time: Duration = p.programs.iter().map(|p| p.run_time).sum();
+    (
+        runs as f64 / p.wall.as_secs_f64(),
+        run_time.as_nanos() as f64 / runs.max(1) as f64,
+    )
+}
+
+/// Ring-buffer drops and full-map failures over a phase, all groups.
+fn drops(p: &Phase) -> u64 {
+    let (Some(before), Some(after)) = (&p.before, &p.after) else {
+        return 0;
+    };
+    after
+        .counters
+        .iter()
+        .map(|(g, c)| {
+            let b = before.counters.get(g).copied().unwrap_or_default();
+            (c.ringbuf_drops - b.ringbuf_drops) + (c.map_full - b.map_full)
+        })
+        .sum()
+}
+
+fn bench(w: Workload, args: &Args) -> Result<Vec<Row>, String> {
     let secs = Duration::from_secs_f64(args.seconds);
     println!("\n== {} ({})", w.name(), w.describe());
-    let detached = run_phase(w, secs, args.rate, None)?;
-
-    let started = Instant::now();
-    let mut t = Telemetry::load(&Options::default()).map_err(|e| e.to_string())?;
-    let load_time = started.elapsed();
-    let loaded: Vec<_> = t
-        .status()
-        .iter()
-        .filter(|s| s.is_loaded())
-        .map(|s| s.group.name())
-        .collect();
+    // Calibration: events per operation, unpaced, one second.
+    let calib = attached_phase(w, Duration::from_secs(1), None, true)?;
+    let (calib_events, _) = program_rates(&calib);
+    let events_per_op = calib_events / calib.ops_per_s().max(1.0);
     println!(
-        "loaded {} in {:.0} ms",
-        loaded.join(","),
-        load_time.as_secs_f64() * 1e3
+        "  calibration: {:.0} ops/s unpaced, {:.1} events per operation",
+        calib.ops_per_s(),
+        events_per_op
     );
-    let attached = run_phase(w, secs, args.rate, Some(&mut t))?;
-    let stats = {
-        let _on = BpfStats::enable()?;
-        let before = t.program_stats().map_err(|e| e.to_string())?;
-        let mut p = run_phase(w, secs, args.rate, Some(&mut t))?;
-        let after = t.program_stats().map_err(|e| e.to_string())?;
-        p.programs = after
+    let mut rows = Vec::new();
+    for &target in &args.events {
+        let mut rate =
+            (target > 0).then(|| (target as f64 / events_per_op.max(0.1)).round() as u64);
+        // Events per operation change with the pace (a paced worker also sleeps and wakes):
+        // one second at the first guess, then the operation rate scaled to hit the target.
+        if let Some(r) = rate {
+            let probe = attached_phase(w, Duration::from_secs(1), Some(r), true)?;
+            let (handled, _) = program_rates(&probe);
+            if handled > 0.0 {
+                rate = Some(((r as f64) * target as f64 / handled).round().max(1.0) as u64);
+            }
+        }
+        let mut detached = Vec::new();
+        let mut attached = Vec::new();
+        for rep in 0..args.reps {
+            // Alternate the order, so a drift in the machine's load hits both sides alike.
+            if rep % 2 == 0 {
+                detached.push(run_phase(w, secs, rate, None)?);
+                attached.push(attached_phase(w, secs, rate, false)?);
+            } else {
+                attached.push(attached_phase(w, secs, rate, false)?);
+                detached.push(run_phase(w, secs, rate, None)?);
+            }
+        }
+        let stats = attached_phase(w, secs, rate, true)?;
+        let (events_per_s, ns_per_event) = program_rates(&stats);
+        let program_time: Duration = stats.programs.iter().map(|p| p.run_time).sum();
+        let accounted_cost = 100.0 * program_time.as_secs_f64()
+            / stats
+                .worker_cpu
+                .saturating_sub(program_time)
+                .as_secs_f64()
+                .max(1e-9);
+        let cpu_slowdowns: Vec<f64> = detached
             .iter()
-            .map(|a| {
-                let b = before
-                    .iter()
-                    .find(|b| b.name == a.name && b.group == a.group);
-                ProgramStats {
-                    group: a.group,
-                    name: a.name.clone(),
-                    run_count: a.run_count - b.map_or(0, |b| b.run_count),
-                    run_time: a.run_time - b.map_or(Duration::ZERO, |b| b.run_time),
-                }
+            .zip(&attached)
+            .map(|(d, a)| {
+                100.0 * (a.cpu_per_op().as_secs_f64() / d.cpu_per_op().as_secs_f64() - 1.0)
             })
             .collect();
-        p
-    };
-    drop(t);
-
-    println!(
-        "  {:<16} {:>12} {:>14} {:>12} {:>12}",
-        "phase", "ops/s", "worker CPU/op", "loader CPU", "loader RSS"
-    );
-    for (name, p) in [
-        ("detached", &detached),
-        ("attached", &attached),
-        ("attached+stats", &stats),
-    ] {
-        println!(
-            "  {:<16} {:>12.0} {:>11.2} us {:>12} {:>12}",
-            name,
-            p.ops_per_s(),
-            p.cpu_per_op().as_secs_f64() * 1e6,
-            p.loader_cpu.map_or("-".to_owned(), |c| format!(
-                "{:.2}%",
-                100.0 * c.as_secs_f64() / p.wall.as_secs_f64()
-            )),
-            p.loader_rss_kib
-                .map_or("-".to_owned(), |r| format!("{:.1} MiB", r as f64 / 1024.0)),
-        );
-    }
-    let slowdown = 100.0 * (1.0 - attached.ops_per_s() / detached.ops_per_s());
-    let cpu_cost =
-        100.0 * (attached.cpu_per_op().as_secs_f64() / detached.cpu_per_op().as_secs_f64() - 1.0);
-    println!(
-        "  workload slowdown (attached vs detached): throughput {slowdown:+.1}%, CPU per operation {cpu_cost:+.1}%"
-    );
-
-    let wall = stats.wall.as_secs_f64();
-    let runs: u64 = stats.programs.iter().map(|p| p.run_count).sum();
-    let run_time: Duration = stats.programs.iter().map(|p| p.run_time).sum();
-    println!(
-        "  programs: {:.0} events handled/s ({:.1} per operation), {:.0} ns each, {:.2}% of one CPU",
-        runs as f64 / wall,
-        runs as f64 / stats.ops.max(1) as f64,
-        run_time.as_nanos() as f64 / runs.max(1) as f64,
-        100.0 * run_time.as_secs_f64() / wall
-    );
-    let mut busiest: Vec<_> = stats.programs.iter().filter(|p| p.run_count > 0).collect();
-    busiest.sort_by_key(|p| std::cmp::Reverse(p.run_time));
-    for p in busiest.iter().take(4) {
-        println!(
-            "    {:<6} {:<16} {:>10.0}/s {:>6.0} ns",
-            p.group.name(),
-            p.name,
-            p.run_count as f64 / wall,
-            p.run_time.as_nanos() as f64 / p.run_count.max(1) as f64
-        );
-    }
-    for (name, p) in [("attached", &attached), ("attached+stats", &stats)] {
-        let (Some(before), Some(after)) = (&p.before, &p.after) else {
-            continue;
+        let throughput_slowdowns: Vec<f64> = detached
+            .iter()
+            .zip(&attached)
+            .map(|(d, a)| 100.0 * (1.0 - a.ops_per_s() / d.ops_per_s()))
+            .collect();
+        let loader_cpu: Vec<f64> = attached
+            .iter()
+            .filter_map(|p| {
+                p.loader_cpu
+                    .map(|c| 100.0 * c.as_secs_f64() / p.wall.as_secs_f64())
+            })
+            .collect();
+        let row = Row {
+            workload: w,
+            target,
+            ops_detached: median(&detached.iter().map(Phase::ops_per_s).collect::<Vec<_>>()),
+            ops_attached: median(&attached.iter().map(Phase::ops_per_s).collect::<Vec<_>>()),
+            cpu_slowdowns,
+            throughput_slowdowns,
+            loader_cpu: median(&loader_cpu),
+            loader_rss_kib: attached
+                .iter()
+                .filter_map(|p| p.loader_rss_kib)
+                .max()
+                .unwrap_or(0),
+            events_per_s,
+            ns_per_event,
+            accounted_cost,
+            interleaved: match (rate, args.slices) {
+                (Some(r), n) if n > 0 => interleaved(w, r, n)?,
+                _ => Vec::new(),
+            },
+            drops: attached.iter().chain([&stats]).map(drops).sum(),
         };
-        let drops: Vec<String> = after
-            .counters
-            .iter()
-            .map(|(g, c)| {
-                let b = before.counters.get(g).copied().unwrap_or_default();
-                format!(
-                    "{g} {}/{}",
-                    c.ringbuf_drops - b.ringbuf_drops,
-                    c.map_full - b.map_full
-                )
-            })
-            .collect();
+        let (lo, hi) = spread(&row.cpu_slowdowns);
         println!(
-            "  {name}: ring-buffer events {:.0}/s; drops ring-buffer/map-full per group: {}; \
-             map rows tcp/sched/block {}/{}/{}",
-            p.ring_events as f64 / p.wall.as_secs_f64(),
-            drops.join(", "),
-            after.tcp.len(),
-            after.sched.len(),
-            after.block.len()
+            "  target {:>6} events/s: {:.0} ops/s; handled {:.0} events/s at {:.0} ns; \
+             CPU/op {:+.1}% [{lo:+.1}..{hi:+.1}] (accounted {:+.1}%); loader {:.2}% CPU, \
+             {:.1} MiB; ring-buffer {:.0} events/s; drops {}",
+            target,
+            row.ops_attached,
+            row.events_per_s,
+            row.ns_per_event,
+            median(&row.cpu_slowdowns),
+            row.accounted_cost,
+            row.loader_cpu,
+            row.loader_rss_kib as f64 / 1024.0,
+            stats.ring_events as f64 / stats.wall.as_secs_f64(),
+            row.drops
         );
+        if !row.interleaved.is_empty() {
+            let (lo, hi) = spread(&row.interleaved);
+            println!(
+                "  interleaved, one workload, {} pairs of 1 s slices: latency/op {:+.2}% [{lo:+.1}..{hi:+.1}]",
+                row.interleaved.len(),
+                median(&row.interleaved)
+            );
+        }
+        let mut busiest: Vec<_> = stats.programs.iter().filter(|p| p.run_count > 0).collect();
+        busiest.sort_by_key(|p| std::cmp::Reverse(p.run_time));
+        for p in busiest.iter().take(3) {
+            println!(
+                "    {:<6} {:<16} {:>10.0}/s {:>6.0} ns",
+                p.group.name(),
+                p.name,
+                p.run_count as f64 / stats.wall.as_secs_f64(),
+                p.run_time.as_nanos() as f64 / p.run_count.max(1) as f64
+            );
+        }
+        rows.push(row);
     }
-    Ok(())
+    Ok(rows)
+}
+
+/// The table the README quotes.
+fn print_summary(rows: &[Row]) {
+    println!(
+        "\n{:<7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>21} {:>9} {:>21} {:>21} {:>8} {:>7} {:>6}",
+        "work",
+        "target",
+        "handled",
+        "ops/s",
+        "ns/ev",
+        "prog CPU",
+        "CPU/op slowdown",
+        "accounted",
+        "interleaved slowdown",
+        "throughput slowdown",
+        "loader",
+        "RSS",
+        "drops"
+    );
+    println!(
+        "{:<7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>21} {:>9} {:>21} {:>21} {:>8} {:>7} {:>6}",
+        "",
+        "ev/s",
+        "ev/s",
+        "attached",
+        "",
+        "%core",
+        "median [min..max]",
+        "cost",
+        "median [min..max]",
+        "median [min..max]",
+        "CPU%",
+        "MiB",
+        ""
+    );
+    for r in rows {
+        let (clo, chi) = spread(&r.cpu_slowdowns);
+        let (tlo, thi) = spread(&r.throughput_slowdowns);
+        let (ilo, ihi) = spread(&r.interleaved);
+        println!(
+            "{:<7} {:>8} {:>9.0} {:>9.0} {:>8.0} {:>7.2}% {:>21} {:>8.1}% {:>21} {:>21} {:>7.2}% {:>7.1} {:>6}",
+            r.workload.name(),
+            if r.target == 0 {
+                "unpaced".to_owned()
+            } else {
+                r.target.to_string()
+            },
+            r.events_per_s,
+            r.ops_attached,
+            r.ns_per_event,
+            100.0 * r.events_per_s * r.ns_per_event * 1e-9,
+            format!("{:+.1}% [{clo:+.1}..{chi:+.1}]", median(&r.cpu_slowdowns)),
+            r.accounted_cost,
+            if r.interleaved.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:+.1}% [{ilo:+.1}..{ihi:+.1}]", median(&r.interleaved))
+            },
+            format!(
+                "{:+.1}% [{tlo:+.1}..{thi:+.1}]",
+                median(&r.throughput_slowdowns)
+            ),
+            r.loader_cpu,
+            r.loader_rss_kib as f64 / 1024.0,
+            r.drops
+        );
+        let _ = r.ops_detached;
+    }
+}
+
+/// The slowdown as the workload sees it, measured in one long-lived workload: a thread of this
+/// process, pinned to the last CPU and paced at `rate` operations per second, runs through
+/// `pairs` pairs of 1 s slices, programs detached in one and attached in the other (loaded
+/// between slices, outside the measured time; order alternating). Compared within each pair:
+/// the mean duration of an operation (its latency, pacing sleeps excluded), which holds the
+/// programs' cost wherever the kernel charges their CPU time (a switch to the idle task
+/// charges it to idle). One workload for all slices takes process start-up, CPU placement
+/// and cache state out of the comparison.
+fn interleaved(w: Workload, rate: u64, pairs: usize) -> Result<Vec<f64>, String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    const SLICE: Duration = Duration::from_secs(1);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let busy_ns = Arc::new(AtomicU64::new(0));
+    let workload = {
+        let (stop, ops, busy_ns) = (stop.clone(), ops.clone(), busy_ns.clone());
+        std::thread::spawn(move || {
+            pin_to_last_cpu(w);
+            drive(
+                w,
+                Some(rate),
+                || !stop.load(Relaxed),
+                |d| {
+                    busy_ns.fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+                    ops.fetch_add(1, Relaxed);
+                },
+            )
+        })
+    };
+    let sample = || (ops.load(Relaxed), busy_ns.load(Relaxed));
+    let result = (|| {
+        std::thread::sleep(Duration::from_millis(500)); // start-up, first operations
+        let mut slowdowns = Vec::with_capacity(pairs);
+        for pair in 0..pairs {
+            let mut latency = [0.0f64; 2]; // [detached, attached], ns per operation
+            let order = if pair % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for attached in order {
+                let mut t = if attached {
+                    Some(Telemetry::load(&Options::default()).map_err(|e| e.to_string())?)
+                } else {
+                    None
+                };
+                let (ops0, busy0) = sample();
+                let t0 = Instant::now();
+                // Attached, read the ring buffers as the agent does.
+                while t0.elapsed() < SLICE {
+                    match t.as_mut() {
+                        Some(t) => {
+                            t.poll_events(Duration::from_millis(100))
+                                .map_err(|e| e.to_string())?;
+                        }
+                        None => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                }
+                let (ops1, busy1) = sample();
+                drop(t);
+                if ops1 == ops0 {
+                    return Err("the workload made no operation in a slice".to_owned());
+                }
+                latency[usize::from(attached)] = (busy1 - busy0) as f64 / (ops1 - ops0) as f64;
+            }
+            slowdowns.push(100.0 * (latency[1] / latency[0] - 1.0));
+        }
+        Ok(slowdowns)
+    })();
+    stop.store(true, Relaxed);
+    match workload.join() {
+        Ok(Ok(())) => result,
+        Ok(Err(e)) => Err(format!("interleaved workload: {e}")),
+        Err(_) => Err("interleaved workload panicked".to_owned()),
+    }
 }
 
 /// Runs the workload in a child for `secs`; with `t`, polls and snapshots like the agent.
@@ -415,64 +727,11 @@ impl Drop for BpfStats {
 
 /// The child side: runs the workload for `secs` and prints `ops= cpu_ns= wall_ns=`.
 fn worker(w: Workload, secs: Duration, rate: Option<u64>) {
-    let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1) as f64));
+    pin_to_last_cpu(w);
     let start = Instant::now();
     let deadline = start + secs;
-    let mut next = start;
     let mut ops = 0u64;
-    let mut pace = || {
-        if let Some(i) = interval {
-            next += i;
-            let now = Instant::now();
-            if next > now {
-                std::thread::sleep(next - now);
-            }
-        }
-    };
-    let result: std::io::Result<()> = (|| {
-        match w {
-            Workload::Tcp => {
-                let listener = TcpListener::bind("127.0.0.1:0")?;
-                let addr = listener.local_addr()?;
-                // The server closes first, so TIME_WAIT stays on its side and the client's
-                // ephemeral ports are free again at once.
-                std::thread::spawn(move || {
-                    for conn in listener.incoming() {
-                        drop(conn);
-                    }
-                });
-                let mut buf = [0u8; 1];
-                while Instant::now() < deadline {
-                    let mut c = TcpStream::connect(addr)?;
-                    let _ = c.read(&mut buf);
-                    ops += 1;
-                    pace();
-                }
-            }
-            Workload::Switch => {
-                let (mut a, mut b) = UnixStream::pair()?;
-                std::thread::spawn(move || {
-                    let mut byte = [0u8; 1];
-                    while b.read_exact(&mut byte).is_ok() && b.write_all(&byte).is_ok() {}
-                });
-                let mut byte = [0u8; 1];
-                while Instant::now() < deadline {
-                    a.write_all(&byte)?;
-                    a.read_exact(&mut byte)?;
-                    ops += 1;
-                    pace();
-                }
-            }
-            Workload::Exec => {
-                while Instant::now() < deadline {
-                    Command::new("/bin/true").status()?;
-                    ops += 1;
-                    pace();
-                }
-            }
-        }
-        Ok(())
-    })();
+    let result = drive(w, rate, || Instant::now() < deadline, |_| ops += 1);
     let wall = start.elapsed();
     if let Err(e) = result {
         eprintln!("worker {}: {e}", w.name());
@@ -485,4 +744,90 @@ fn worker(w: Workload, secs: Duration, rate: Option<u64>) {
     );
     // The server/echo threads are still blocked: leave without joining them.
     std::process::exit(0);
+}
+
+/// Pins the calling thread (and the threads and children it starts later) to the last CPU.
+fn pin_to_last_cpu(w: Workload) {
+    // All on one CPU: on two CPUs the switch and tcp workloads' speed depends on where the
+    // scheduler happens to put the two threads (a cross-CPU wake-up is an IPI, slow in a VM),
+    // which made runs differ by a factor of three. The loader then has the other CPU to
+    // itself.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpus - 1).is_ok()
+        && let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+    {
+        eprintln!(
+            "worker {}: could not pin to CPU {}: {e}",
+            w.name(),
+            cpus - 1
+        );
+    }
+}
+
+/// Runs operations of `w` while `keep_going()`, `rate` per second (or as fast as it can),
+/// and hands each operation's duration (pacing excluded) to `on_op`.
+fn drive(
+    w: Workload,
+    rate: Option<u64>,
+    mut keep_going: impl FnMut() -> bool,
+    mut on_op: impl FnMut(Duration),
+) -> std::io::Result<()> {
+    let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1) as f64));
+    let mut next = Instant::now();
+    let mut pace = || {
+        if let Some(i) = interval {
+            next += i;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+        }
+    };
+    match w {
+        Workload::Tcp => {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            // The server closes first, so TIME_WAIT stays on its side and the client's
+            // ephemeral ports are free again at once.
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    drop(conn);
+                }
+            });
+            let mut buf = [0u8; 1];
+            while keep_going() {
+                let op = Instant::now();
+                let mut c = TcpStream::connect(addr)?;
+                let _ = c.read(&mut buf);
+                drop(c);
+                on_op(op.elapsed());
+                pace();
+            }
+        }
+        Workload::Switch => {
+            let (mut a, mut b) = UnixStream::pair()?;
+            std::thread::spawn(move || {
+                let mut byte = [0u8; 1];
+                while b.read_exact(&mut byte).is_ok() && b.write_all(&byte).is_ok() {}
+            });
+            let mut byte = [0u8; 1];
+            while keep_going() {
+                let op = Instant::now();
+                a.write_all(&byte)?;
+                a.read_exact(&mut byte)?;
+                on_op(op.elapsed());
+                pace();
+            }
+        }
+        Workload::Exec => {
+            while keep_going() {
+                let op = Instant::now();
+                Command::new("/bin/true").status()?;
+                on_op(op.elapsed());
+                pace();
+            }
+        }
+    }
+    Ok(())
 }

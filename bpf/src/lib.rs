@@ -13,7 +13,7 @@
 //! | group | attached to | output |
 //! |---|---|---|
 //! | [`Group::Tcp`] | `tp_btf/inet_sock_set_state`, `tp_btf/tcp_retransmit_skb`, `tp_btf/tcp_send_reset`, `tp_btf/tcp_receive_reset`, `tp_btf/tcp_destroy_sock` | [`TcpStats`], [`ConnectFailed`], [`ConnectionError`] |
-//! | [`Group::Sched`] | `tp_btf/sched_wakeup`, `tp_btf/sched_wakeup_new`, `tp_btf/sched_switch` | [`SchedStats`] |
+//! | [`Group::Sched`] | `tp_btf/sched_switch` (with the kernel's sched_info), else `tp_btf/sched_wakeup`, `tp_btf/sched_wakeup_new`, `tp_btf/sched_switch` | [`SchedStats`] |
 //! | [`Group::Oom`] | `tp_btf/mark_victim` | [`OomKill`] |
 //! | [`Group::Proc`] | `tp_btf/sched_process_exec`, `tp_btf/sched_process_exit` | [`Exec`], [`Exit`] |
 //! | [`Group::Block`] | `tp_btf/block_rq_issue`, `tp_btf/block_rq_complete` | [`BlockStats`] |
@@ -29,6 +29,14 @@
 //! prototype and the loader enables the one matching the running kernel's BTF; a missing
 //! optional tracepoint is left out and noted in [`GroupStatus`]. Ring buffers need 5.8, task
 //! storage in tracing programs 5.11.
+//!
+//! Run-queue latency needs the time each task became runnable. Where the kernel keeps it
+//! itself (`task_struct.sched_info.last_queued`: CONFIG_SCHED_INFO, which distributions
+//! enable, maintained for every task since 5.14) one program on `sched_switch` reads it
+//! against its run queue's clock; elsewhere three programs stamp tasks in task storage on
+//! wake-up and preemption, at about twice the cost per context switch. The loader picks the
+//! first where the kernel's BTF and version allow, falls back to the second if it is refused,
+//! and says which in the group's notes ([`RunqTimestamps`]).
 //!
 //! Each group is its own BPF object: one failing to load or verify leaves the others running,
 //! and [`Telemetry::status`] says which loaded, which failed (with the reason) and which fall
@@ -163,7 +171,8 @@ pub enum GroupState {
     Loaded {
         /// The programs attached.
         programs: Vec<&'static str>,
-        /// What this kernel lacks, and what is therefore not counted.
+        /// What this kernel lacks, and what is therefore not counted; which mechanism was
+        /// used where there is a choice.
         notes: Vec<String>,
     },
     /// Not loaded; coarser `/proc` or cgroup statistics stand in (see [`Snapshot::fallback`]).
@@ -238,6 +247,21 @@ pub struct Options {
     /// end of every [`Telemetry::poll_events`] timeout, so they wait at most that long. 0 wakes
     /// the reader for every event. OOM kills always wake it.
     pub ringbuf_wakeup_bytes: u32,
+    /// Where the scheduler group gets the time a task became runnable from.
+    pub runq_timestamps: RunqTimestamps,
+}
+
+/// How the scheduler programs learn when a task became runnable, to time its run-queue wait.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RunqTimestamps {
+    /// The kernel's own `sched_info.last_queued` where the kernel keeps it (CONFIG_SCHED_INFO,
+    /// 5.14 or later): one program on `sched_switch`, no per-task state. Otherwise, or if
+    /// that program is refused, [`RunqTimestamps::Programs`] (said in the group's notes).
+    #[default]
+    Auto,
+    /// The programs stamp tasks themselves, in task storage, on `sched_wakeup`,
+    /// `sched_wakeup_new` and `sched_switch`: works wherever task storage does, costs more.
+    Programs,
 }
 
 impl Default for Options {
@@ -247,6 +271,7 @@ impl Default for Options {
             attribution: Attribution::Auto,
             ringbuf_bytes: 256 * 1024,
             ringbuf_wakeup_bytes: 32 * 1024,
+            runq_timestamps: RunqTimestamps::Auto,
         }
     }
 }
@@ -363,7 +388,7 @@ impl Telemetry {
         }
         match group {
             Group::Tcp => keep!(tcp, load_tcp(btf, cg_source, ring)),
-            Group::Sched => keep!(sched, load_sched(btf, cg_source)),
+            Group::Sched => keep!(sched, load_sched(btf, cg_source, options.runq_timestamps)),
             Group::Oom => keep!(oom, load_oom(btf, cg_source, ring)),
             Group::Proc => keep!(proc, load_proc(btf, cg_source, ring)),
             Group::Block => keep!(block, load_block(btf, cg_source)),
@@ -840,12 +865,55 @@ impl KernelBtf {
         self.tracepoint_args(tracepoint).is_some()
     }
 
+    /// Whether this kernel keeps `task_struct.sched_info.last_queued` for every task, and a
+    /// program can reach the run-queue clock that stamps it; `Err` says why not.
+    fn sched_info_support(&self) -> Result<(), String> {
+        use libbpf_rs::btf::types::Struct;
+        let has_member = |name: &str, member: &str| {
+            self.0.type_by_name::<Struct<'_>>(name).is_some_and(|s| {
+                s.iter()
+                    .any(|m| m.name.is_some_and(|n| n == std::ffi::OsStr::new(member)))
+            })
+        };
+        if !has_member("sched_info", "last_queued") || !has_member("task_struct", "sched_info") {
+            return Err("this kernel is built without CONFIG_SCHED_INFO".to_owned());
+        }
+        // The program reaches the run queue's clock as task->se.cfs_rq->rq->clock.
+        if !has_member("sched_entity", "cfs_rq") || !has_member("cfs_rq", "rq") {
+            return Err(
+                "this kernel is built without CONFIG_FAIR_GROUP_SCHED: no way from a task to its run queue's clock"
+                    .to_owned(),
+            );
+        }
+        if !has_member("rq", "clock") {
+            return Err("the kernel's struct rq has no clock".to_owned());
+        }
+        // Before 5.14 the timestamps were kept only with schedstats or delay accounting on.
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match kernel_version(&release) {
+            Some(version) if version >= (5, 14) => Ok(()),
+            _ => Err(format!(
+                "kernel {release}: before 5.14 sched_info is kept only with schedstats or delay accounting on"
+            )),
+        }
+    }
+
     fn require(&self, tracepoints: &[&str]) -> Result<(), String> {
         match tracepoints.iter().find(|tp| !self.has(tp)) {
             Some(tp) => Err(format!("this kernel has no BTF tracepoint {tp}")),
             None => Ok(()),
         }
     }
+}
+
+/// `(major, minor)` of a kernel release string such as `6.18.0-1-amd64`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 /// Why a load failed, with a hint when the cause is likely privileges.
@@ -917,23 +985,49 @@ fn load_tcp(
 fn load_sched(
     btf: &KernelBtf,
     cg_source: u32,
+    timestamps: RunqTimestamps,
 ) -> Result<Loaded<skel::sched::SchedSkel<'static>>, String> {
-    btf.require(&["sched_wakeup", "sched_wakeup_new", "sched_switch"])?;
-    let pinned = skel::open_load(skel::sched::SchedSkelBuilder::default(), |open| {
-        if let Some(r) = open.maps.rodata_data.as_deref_mut() {
-            r.cg_source = cg_source;
-        }
-        Ok(())
-    })
-    .map_err(|(stage, e)| load_error(stage, &e))?;
+    const SWITCH: &str = "tp_btf/sched_switch";
+    btf.require(&["sched_switch"])?;
+    let open = |kernel_timestamps: bool| {
+        skel::open_load(skel::sched::SchedSkelBuilder::default(), |open| {
+            if let Some(r) = open.maps.rodata_data.as_deref_mut() {
+                r.cg_source = cg_source;
+            }
+            open.progs.fl_switch_si.set_autoload(kernel_timestamps);
+            open.progs.fl_switch.set_autoload(!kernel_timestamps);
+            open.progs.fl_wakeup.set_autoload(!kernel_timestamps);
+            open.progs.fl_wakeup_new.set_autoload(!kernel_timestamps);
+            Ok(())
+        })
+        .map_err(|(stage, e)| load_error(stage, &e))
+    };
+    let why_not = match timestamps {
+        RunqTimestamps::Programs => "asked for".to_owned(),
+        RunqTimestamps::Auto => match btf.sched_info_support() {
+            Err(why) => why,
+            Ok(()) => match open(true) {
+                Ok(pinned) => {
+                    return Ok((
+                        pinned,
+                        vec![SWITCH],
+                        vec![
+                            "run-queue wait timed by the kernel's sched_info timestamps".to_owned(),
+                        ],
+                    ));
+                }
+                Err(reason) => format!("the sched_info program was refused: {reason}"),
+            },
+        },
+    };
+    btf.require(&["sched_wakeup", "sched_wakeup_new"])?;
+    let pinned = open(false)?;
     Ok((
         pinned,
-        vec![
-            "tp_btf/sched_wakeup",
-            "tp_btf/sched_wakeup_new",
-            "tp_btf/sched_switch",
-        ],
-        Vec::new(),
+        vec!["tp_btf/sched_wakeup", "tp_btf/sched_wakeup_new", SWITCH],
+        vec![format!(
+            "run-queue wait timed by the programs in task storage (not the kernel's sched_info: {why_not})"
+        )],
     ))
 }
 
@@ -1005,4 +1099,24 @@ fn load_block(
         vec!["tp_btf/block_rq_issue", "tp_btf/block_rq_complete"],
         Vec::new(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_version;
+
+    #[test]
+    fn kernel_versions_are_read_from_release_strings() {
+        for (release, expected) in [
+            ("6.18.0-1-amd64", Some((6, 18))),
+            ("5.14.0", Some((5, 14))),
+            ("5.4.0-150-generic", Some((5, 4))),
+            ("4.19.282+", Some((4, 19))),
+            ("6", None),
+            ("", None),
+            ("linux", None),
+        ] {
+            assert_eq!(kernel_version(release), expected, "{release}");
+        }
+    }
 }

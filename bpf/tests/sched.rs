@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use common::ScratchCgroup;
 use faultline_bpf::fallback::CpuStat;
-use faultline_bpf::{Group, HierarchyKind, SchedStats, Telemetry};
+use faultline_bpf::{
+    Group, GroupState, HierarchyKind, Options, RunqTimestamps, SchedStats, Telemetry,
+};
 
 fn sched_of(t: &Telemetry, id: u64) -> SchedStats {
     let snap = t.snapshot().unwrap();
@@ -24,10 +26,51 @@ fn sched_of(t: &Telemetry, id: u64) -> SchedStats {
 
 #[test]
 fn runq_latency_rises_when_the_cgroup_is_throttled_to_ten_percent() {
+    // Auto: the kernel's sched_info timestamps where this kernel keeps them (it does here).
+    throttled_cgroup_shows_runq_latency(RunqTimestamps::Auto);
+}
+
+#[test]
+fn runq_latency_rises_under_throttling_with_timestamps_in_task_storage() {
+    // The fallback for kernels without sched_info, forced here so it stays proven too.
+    throttled_cgroup_shows_runq_latency(RunqTimestamps::Programs);
+}
+
+fn throttled_cgroup_shows_runq_latency(timestamps: RunqTimestamps) {
     if !common::bpf_available() {
         return;
     }
-    let mut t = common::load(&[Group::Sched]);
+    let mut t = common::load_with(&Options {
+        groups: vec![Group::Sched],
+        runq_timestamps: timestamps,
+        ..Options::default()
+    });
+    let status = t.status().iter().find(|s| s.group == Group::Sched).unwrap();
+    let GroupState::Loaded { programs, notes } = &status.state else {
+        panic!("{status}");
+    };
+    let task_storage = programs.contains(&"tp_btf/sched_wakeup");
+    match timestamps {
+        RunqTimestamps::Programs => assert!(task_storage, "{status}"),
+        RunqTimestamps::Auto if !task_storage => {
+            assert_eq!(programs, &["tp_btf/sched_switch"], "{status}");
+            assert!(
+                notes
+                    .iter()
+                    .any(|n| n.contains("kernel's sched_info timestamps")),
+                "{status}"
+            );
+        }
+        // Falling back is right only where the kernel lacks what the program needs; the
+        // verifier refusing our own program is a bug this test must catch.
+        RunqTimestamps::Auto => {
+            assert!(
+                !notes.iter().any(|n| n.contains("program was refused")),
+                "{status}"
+            );
+            eprintln!("NOTE: this kernel has no usable sched_info: {status}");
+        }
+    }
     let hierarchy = t.hierarchy(Group::Sched).unwrap().clone();
     if !matches!(hierarchy.kind, HierarchyKind::V1(_)) {
         // The v2 cpu.max path is the agent's business; the programs are the same.

@@ -663,7 +663,7 @@ impl DemoContainers {
             "faultline.demo.role={}",
             name.trim_start_matches("faultline-demo-")
         );
-        let id = docker::run_container(name, IMAGE, &[DEMO_LABEL, &role])
+        let id = docker::run_container(name, IMAGE, &[DEMO_LABEL, &role], &[])
             .await
             .with_context(|| format!("starting demo container {name}"))?;
         docker::wait_for_state(&id, "running", RESTORE_TIMEOUT)

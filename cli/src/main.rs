@@ -17,6 +17,7 @@ use serde_json::json;
 mod demo;
 mod dry_run;
 mod follow;
+mod lab;
 mod preflight;
 mod report;
 mod telemetry;
@@ -25,7 +26,9 @@ mod telemetry;
 #[derive(Debug, Parser)]
 #[command(name = "faultline", version)]
 struct Cli {
-    /// Coordinator URL.
+    /// Coordinator URL; with several replicas (deploy/README.md, "High availability"), every
+    /// one of them, comma-separated: the first that accepts a connection (the active one;
+    /// standbys do not listen) is used.
     #[arg(
         long,
         global = true,
@@ -69,6 +72,41 @@ struct OutputArg {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCommand {
+    /// Build the images (from this machine's binaries and packages) and start what is not
+    /// running — the fleet and the demo stack (postgres, redis, trading-api, nginx,
+    /// market-simulator); waits until every agent is connected and the stack is healthy.
+    /// Running twice is fine.
+    Up {
+        /// Certificates and state (created; reused).
+        #[arg(long, default_value = "faultline-lab")]
+        dir: PathBuf,
+        /// Agent host names, comma-separated; the game-day plans use agent-1..3.
+        #[arg(long, value_delimiter = ',', default_value = "agent-1,agent-2,agent-3")]
+        agents: Vec<String>,
+        /// Only the fleet: no demo stack.
+        #[arg(long)]
+        no_stack: bool,
+    },
+    /// `lab up` with the stack, then the multi-service cascade
+    /// (examples/game-day/10-multi-service-cascade.yaml, embedded) against it, followed live;
+    /// prints the findings, writes the HTML report into --dir, and leaves the lab up.
+    Demo {
+        /// Certificates, state and the report (created; reused).
+        #[arg(long, default_value = "faultline-lab")]
+        dir: PathBuf,
+        /// Agent host names, comma-separated; the plan uses agent-1..3.
+        #[arg(long, value_delimiter = ',', default_value = "agent-1,agent-2,agent-3")]
+        agents: Vec<String>,
+    },
+    /// Stop the agents (they revert what they hold), then remove every container, network
+    /// and image of the lab, and check nothing is left.
+    Down,
+    /// The lab's containers and their state; exit 1 unless all of them run.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +157,11 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// A lab fleet on this machine's Docker Engine: a coordinator and agent hosts, each its
+    /// own container with its own address on a private network, and the demo stack the
+    /// game-day plans break; `faultline lab demo` runs the cascade against it.
+    #[command(subcommand)]
+    Lab(LabCommand),
     /// What each agent's host can do, and which faults it offers by which mechanism.
     Preflight {
         /// Only this agent.
@@ -309,7 +352,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Plan(PlanCommand::Validate { files, vars }) => Ok(validate_files(&files, &vars)),
         Command::Agents(AgentsCommand::List(output)) => {
-            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let mut client = client(&cli.coordinator, &cli.certs).await?;
             let agents = client
                 .list_agents(pb::ListAgentsRequest {})
                 .await?
@@ -335,7 +378,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(2));
                 }
             };
-            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let mut client = client(&cli.coordinator, &cli.certs).await?;
             let request = pb::StartRunRequest {
                 source_name: source,
                 plan_yaml: yaml,
@@ -354,7 +397,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             follow_run(&mut client, &run_id, Some(plan)).await
         }
         Command::Runs(RunsCommand::List { limit, output }) => {
-            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let mut client = client(&cli.coordinator, &cli.certs).await?;
             let runs = client
                 .list_runs(pb::ListRunsRequest { limit })
                 .await?
@@ -364,7 +407,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Runs(RunsCommand::Show { id, output }) => {
-            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let mut client = client(&cli.coordinator, &cli.certs).await?;
             let run = client
                 .get_run(pb::GetRunRequest { run_id: id })
                 .await?
@@ -373,7 +416,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Halt { release, reason } => {
-            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let mut client = client(&cli.coordinator, &cli.certs).await?;
             let response = client
                 .halt(pb::HaltRequest { release, reason })
                 .await?
@@ -391,8 +434,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir, keep } => demo::run(&dir, keep).await,
+        Command::Lab(LabCommand::Up {
+            dir,
+            agents,
+            no_stack,
+        }) => lab::up(&dir, &agents, no_stack).await,
+        Command::Lab(LabCommand::Demo { dir, agents }) => lab::demo(&dir, &agents).await,
+        Command::Lab(LabCommand::Down) => lab::down().await,
+        Command::Lab(LabCommand::Status) => lab::status().await,
         Command::Preflight { agent, output } => {
-            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let mut client = client(&cli.coordinator, &cli.certs).await?;
             let mut agents = client
                 .list_agents(pb::ListAgentsRequest {})
                 .await?
@@ -411,7 +462,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { id, format, out } => {
-            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let mut client = client(&cli.coordinator, &cli.certs).await?;
             let run = client
                 .get_run(pb::GetRunRequest { run_id: id })
                 .await?
@@ -434,12 +485,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Telemetry { id, follow, output } => {
-            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let mut client = client(&cli.coordinator, &cli.certs).await?;
             let json = matches!(output.output, Output::Json);
             telemetry::run(&mut client, &id, follow, json).await
         }
         Command::Audit { limit, output } => {
-            let mut client = client(&cli.coordinator, &cli.certs)?;
+            let mut client = client(&cli.coordinator, &cli.certs).await?;
             let entries = client
                 .list_audit(pb::ListAuditRequest { limit })
                 .await?
@@ -466,16 +517,35 @@ fn grpc_code_name(code: tonic::Code) -> String {
 
 type OperatorClient = pb::operator_client::OperatorClient<tonic::transport::Channel>;
 
-fn client(url: &str, certs: &Path) -> anyhow::Result<OperatorClient> {
+/// An operator client of the coordinator at `urls` (one URL, or several replicas
+/// comma-separated: the first that accepts a connection).
+async fn client(urls: &str, certs: &Path) -> anyhow::Result<OperatorClient> {
     let dir = CertDir::new(certs);
-    let channel = faultline_tls::client::channel(url, &dir, Role::Operator, "operator")
-        .with_context(|| {
-            format!(
-                "preparing mTLS to {url} with certificates in {}",
-                certs.display()
-            )
-        })?;
+    let urls = coordinator_urls(urls);
+    let channel = match urls.as_slice() {
+        // One coordinator: connect lazily, as before (the first call reports a dead one).
+        [url] => faultline_tls::client::channel(url, &dir, Role::Operator, "operator"),
+        _ => faultline_tls::client::first_reachable(&urls, &dir, Role::Operator, "operator")
+            .await
+            .map(|(_, channel)| channel),
+    }
+    .with_context(|| {
+        format!(
+            "connecting with mTLS to {} with certificates in {}",
+            urls.join(", "),
+            certs.display()
+        )
+    })?;
     Ok(OperatorClient::new(channel))
+}
+
+/// The URLs of a comma-separated `--coordinator`, blanks dropped.
+fn coordinator_urls(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn read_plan(file: &Path) -> anyhow::Result<String> {
@@ -831,6 +901,16 @@ fn print_audit(entries: &[pb::AuditEntry], output: Output) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coordinator_lists_split_on_commas_and_drop_blanks() {
+        assert_eq!(coordinator_urls("https://a:1"), ["https://a:1"]);
+        assert_eq!(
+            coordinator_urls("https://a:1, https://b:2,,"),
+            ["https://a:1", "https://b:2"]
+        );
+        assert!(coordinator_urls(" , ").is_empty());
+    }
 
     #[test]
     fn grpc_codes_print_with_their_canonical_names() {

@@ -27,13 +27,9 @@ use serde::Serialize;
 /// Version of the report's JSON shape; `docs/report.schema.json` pins it.
 pub const REPORT_VERSION: u32 = 2;
 
-/// The verdict of a run that was not (or could not be) judged.
-pub const NOT_EVALUATED: &str = "not evaluated (no hypothesis probes)";
-/// The hypothesis held: the run completed and its recovery check found the system steady.
-pub const CONFIRMED: &str = "confirmed";
-/// The hypothesis did not hold: a stop condition fired or the recovery check found the
-/// system not steady.
-pub const REFUTED: &str = "refuted";
+use faultline_domain::plan::NOT_EVALUATED;
+#[cfg(test)]
+use faultline_domain::plan::{CONFIRMED, REFUTED};
 
 /// Most samples drawn one by one in a probe's chart; more are drawn as one point per pixel
 /// column (the column's highest latency, and a failure mark if any sample there failed).
@@ -978,32 +974,21 @@ impl SteadyChecks {
     }
 }
 
-/// The hypothesis verdict, from the plan, the run's final state, its steady-state checks and
-/// each probe's statistics while the faults were in force (`during`, by probe name: what
-/// hypothesis tolerances are judged on).
-///
-/// A plan without `steady_state` is not evaluated. With one, the run is refuted when a stop
-/// condition fired or the recovery check found the system not steady, confirmed when the run
-/// completed and the recovery check found it steady, and not evaluated otherwise (not steady
-/// before injection, halted, failed).
+/// The hypothesis verdict ([`faultline_domain::plan::run_verdict`]) from the plan, the run's
+/// final state, its steady-state checks and the tolerances judged over the faults' window.
 fn verdict(
     plan: Option<&Plan>,
     state: &str,
     checks: &SteadyChecks,
     tolerances: &[ToleranceReport],
 ) -> &'static str {
-    if plan.is_none_or(|plan| plan.steady_state.is_none()) {
-        return NOT_EVALUATED;
-    }
-    let recovered = checks.recovery.as_ref().map(|check| check.steady);
-    let tolerance_broken = tolerances.iter().any(|t| !t.held);
-    if checks.stop_condition.is_some() || recovered == Some(false) || tolerance_broken {
-        return REFUTED;
-    }
-    if state == "completed" && recovered == Some(true) {
-        return CONFIRMED;
-    }
-    NOT_EVALUATED
+    faultline_domain::plan::run_verdict(faultline_domain::plan::VerdictInputs {
+        has_steady_state: plan.is_some_and(|plan| plan.steady_state.is_some()),
+        completed: state == "completed",
+        stop_condition_fired: checks.stop_condition.is_some(),
+        recovered: checks.recovery.as_ref().map(|check| check.steady),
+        tolerance_broken: tolerances.iter().any(|t| !t.held),
+    })
 }
 
 /// The plan's tolerances judged over the faults' window (the "during" phase), when there was

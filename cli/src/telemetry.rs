@@ -18,6 +18,7 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use faultline_domain::plan::log2_quantile_us;
 use faultline_proto::v1 as pb;
 use serde::Serialize;
 
@@ -28,21 +29,7 @@ const PEERS_LISTED: usize = 10;
 /// Exit rows listed at most (failures first).
 const EXITS_LISTED: usize = 20;
 
-/// The symbolic name of an errno as the telemetry reports it.
-pub fn errno_name(errno: i32) -> String {
-    match errno {
-        0 => "closed-by-application".into(),
-        -1 => "other".into(),
-        1 => "EPERM".into(),
-        32 => "EPIPE".into(),
-        101 => "ENETUNREACH".into(),
-        104 => "ECONNRESET".into(),
-        110 => "ETIMEDOUT".into(),
-        111 => "ECONNREFUSED".into(),
-        113 => "EHOSTUNREACH".into(),
-        other => format!("E{other}"),
-    }
-}
+pub use faultline_domain::plan::errno_name;
 
 /// The name of a signal number (Linux x86-64/arm64 numbering).
 pub fn signal_name(signal: i32) -> String {
@@ -274,33 +261,10 @@ impl Losses {
     }
 }
 
-/// The `q`-quantile of a log2 histogram in milliseconds, interpolated inside its bucket
-/// (bucket `k` holds `[2^k, 2^(k+1))` µs, bucket 0 everything below 2 µs) and never above the
-/// largest sample; `None` without samples.
+/// The `q`-quantile of a log2 histogram in milliseconds (to the microsecond), interpolated
+/// inside its bucket and never above the largest sample; `None` without samples.
 pub fn quantile_ms(h: &pb::Log2Histogram, q: f64) -> Option<f64> {
-    let total: u64 = h.buckets.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let target = q.clamp(0.0, 1.0) * total as f64;
-    let mut below = 0u64;
-    for (k, &n) in h.buckets.iter().enumerate() {
-        if n == 0 {
-            continue;
-        }
-        if (below + n) as f64 >= target {
-            let lo = if k == 0 { 0.0 } else { (1u64 << k) as f64 };
-            let hi = (1u64 << (k + 1)) as f64;
-            let frac = ((target - below as f64) / n as f64).clamp(0.0, 1.0);
-            let mut us = lo + (hi - lo) * frac;
-            if h.max_ns > 0 {
-                us = us.min(h.max_ns as f64 / 1000.0);
-            }
-            return Some((us).round() / 1000.0);
-        }
-        below += n;
-    }
-    Some(h.max_ns as f64 / 1_000_000.0)
+    log2_quantile_us(&h.buckets, q, h.max_ns).map(|us| us.round() / 1000.0)
 }
 
 fn merge_histogram(into: &mut pb::Log2Histogram, other: &pb::Log2Histogram) {

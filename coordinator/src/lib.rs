@@ -2,17 +2,19 @@
 //! leases), and sends signed fault commands to host agents over mTLS gRPC.
 //!
 //! Layout: [`agent_link`] and [`operator`] are thin gRPC edges; [`hub`] is the one actor that
-//! owns live state; [`runner`] drives a run; [`store`] is the embedded SQLite database;
-//! [`telemetry`] subscribes agents to a run's kernel telemetry and stores what they stream.
+//! owns live state; [`runner`] drives a run; [`store`] is the embedded SQLite database (or a
+//! shared PostgreSQL one); [`leader`] elects the active replica among coordinators sharing
+//! PostgreSQL; [`telemetry`] subscribes agents to a run's kernel telemetry and stores what
+//! they stream.
 
 pub mod agent_link;
 pub mod audit;
 pub mod clock;
 pub mod halt;
 pub mod hub;
+pub mod leader;
 pub mod load;
 pub mod metrics;
-pub mod metrics_registry;
 pub mod observability;
 pub mod operator;
 pub mod probe;
@@ -42,6 +44,7 @@ use crate::store::Store;
 pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     pub certs: PathBuf,
+    /// A SQLite file, or a `postgres://` URL (shared by replicas: high availability).
     pub db: PathBuf,
     /// Safety policy file (`blast_radius`, `protected`) applied to every run on top of the
     /// plan's own settings; `None` for none.
@@ -53,6 +56,11 @@ pub struct CoordinatorConfig {
 pub enum CoordinatorError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Leader(#[from] leader::LeaderError),
+    /// Fail-stop: another replica may be active already, so this one must not serve on.
+    #[error("stopped serving: {0}; another coordinator replica may take over")]
+    LeadershipLost(String),
     #[error("loading TLS material from {dir}: {source}")]
     Tls {
         dir: PathBuf,
@@ -90,6 +98,11 @@ pub fn load_policy(path: &Path) -> Result<Policy, CoordinatorError> {
 const REASON_RESTART: &str = "coordinator restarted while the run was in progress; \
     the agents' leases reverted its faults";
 
+/// Why runs of a lost active coordinator end, recorded by the replica taking over (runs are
+/// aborted, not resumed: their faults are gone by the time it is active).
+pub const REASON_FAILOVER: &str =
+    "the active coordinator was lost mid-run; agents' leases reverted its faults";
+
 /// Opens the store, recovers from a previous crash, binds, and serves until `shutdown`
 /// completes. `on_listening` receives the bound address (useful with port 0).
 pub async fn serve(
@@ -103,22 +116,8 @@ pub async fn serve(
         Some(path) => load_policy(path)?,
         None => Policy::default(),
     };
-    let store = Store::open(&config.db)?;
-    let auditor = Auditor::new(store.clone());
-    let aborted = store
-        .abort_unfinished_runs(REASON_RESTART, clock::now_ms())
-        .await?;
-    for run_id in &aborted {
-        tracing::warn!(run = %run_id, "run aborted: {REASON_RESTART}");
-        auditor
-            .ok(
-                "coordinator",
-                "run-aborted",
-                &format!("run {run_id}: {REASON_RESTART}"),
-            )
-            .await;
-    }
-
+    // Certificates are checked before any election: a standby with broken TLS material
+    // must fail now, not when it is needed.
     let certs = CertDir::new(&config.certs);
     let tls_err = |source| CoordinatorError::Tls {
         dir: config.certs.clone(),
@@ -127,6 +126,51 @@ pub async fn serve(
     let signing_key =
         faultline_tls::layout::load_signing_key(&certs.signing_key()).map_err(tls_err)?;
     let tls = faultline_tls::server::server_config(&certs).map_err(tls_err)?;
+    // With a PostgreSQL store, replicas elect the active one before anything stateful: a
+    // standby neither touches the store nor listens, so agents only ever find the active
+    // replica.
+    let leadership = match config.db.to_str() {
+        Some(url) if store::is_postgres_url(url) => {
+            let mut standby_since = None;
+            let leadership = leader::acquire(url, |_| {
+                standby_since = Some(clock::now_ms());
+                tracing::info!(
+                    "standby: another coordinator replica is active; polling the leader lock \
+                     every {:?}",
+                    leader::POLL_INTERVAL
+                );
+            })
+            .await?;
+            tracing::info!("became active: holding the leader lock");
+            Some((leadership, standby_since))
+        }
+        _ => None,
+    };
+    let store = Store::open_db(&config.db).await?;
+    let auditor = Auditor::new(store.clone());
+    if let Some((_, standby_since)) = &leadership {
+        let detail = match standby_since {
+            Some(since) => format!("became active (standby since {since} ms)"),
+            None => "became active (no other replica held the leader lock)".to_string(),
+        };
+        auditor.ok("coordinator", "became-active", &detail).await;
+    }
+    let reason = if leadership.is_some() {
+        REASON_FAILOVER
+    } else {
+        REASON_RESTART
+    };
+    let aborted = store.abort_unfinished_runs(reason, clock::now_ms()).await?;
+    for run_id in &aborted {
+        tracing::warn!(run = %run_id, "run aborted: {reason}");
+        auditor
+            .ok(
+                "coordinator",
+                "run-aborted",
+                &format!("run {run_id}: {reason}"),
+            )
+            .await;
+    }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -155,6 +199,11 @@ pub async fn serve(
 
     let hub = HubHandle::spawn(signing_key, store.clone());
     let events = RunEvents::new(store.clone());
+    tokio::spawn(runner::record_late_reverts(
+        hub.clone(),
+        store.clone(),
+        events.clone(),
+    ));
     let tls_auditor = auditor.clone();
     let incoming = faultline_tls::server::incoming(listener, tls, move |peer, reason| {
         tls_auditor.spawn_refused(format!("tls {peer}"), "tls-handshake", reason);
@@ -164,28 +213,51 @@ pub async fn serve(
         auditor: auditor.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
+    let live_telemetry = telemetry::LiveTelemetry::default();
     let telemetry = telemetry::TelemetryService {
         auditor: auditor.clone(),
+        live: live_telemetry.clone(),
     };
     let operator = operator::OperatorService {
         hub,
         auditor,
         events,
         policy: Arc::new(policy),
+        live_telemetry,
     };
     on_listening(bound);
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         // Keepalives notice a silently dead agent connection (partition, host loss).
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(pb::agent_link_server::AgentLinkServer::new(agent_link))
         .add_service(pb::operator_server::OperatorServer::new(operator))
         .add_service(pb::agent_telemetry_server::AgentTelemetryServer::new(
-            telemetry,
+            metrics::CountedTelemetry(telemetry),
         ))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
-    Ok(())
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let Some((leadership, _)) = leadership else {
+        server.await?;
+        return Ok(());
+    };
+    // Fail-stop: the moment the leader lock (or the store) is gone another replica may be
+    // active, so stop serving at once instead of draining connections. Returning drops the
+    // server; the binary exits non-zero and the agents' leases revert what was applied.
+    tokio::select! {
+        served = server => {
+            served?;
+            Ok(())
+        }
+        reason = leadership.lost() => {
+            tracing::error!("leader lock lost: {reason}; stopping");
+            Err(CoordinatorError::LeadershipLost(reason))
+        }
+        () = store.lost() => {
+            let reason = "the PostgreSQL store connection closed".to_string();
+            tracing::error!("{reason}; stopping");
+            Err(CoordinatorError::LeadershipLost(reason))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,9 @@ struct Args {
     /// command-signing.key).
     #[arg(long, env = "FAULTLINE_CERTS")]
     certs: PathBuf,
-    /// SQLite database file (created and migrated on start).
+    /// SQLite database file (created and migrated on start), or a `postgres://` URL: replicas
+    /// sharing one PostgreSQL elect one active coordinator (the others wait as standby
+    /// without listening; see deploy/README.md, "High availability").
     #[arg(long, env = "FAULTLINE_DB", default_value = "faultline.db")]
     db: PathBuf,
     /// Safety policy YAML applied to every run on top of the plan's own: `blast_radius`
@@ -26,15 +28,19 @@ struct Args {
     /// target). The stricter limit wins. Read once at start; an invalid file stops the start.
     #[arg(long, env = "FAULTLINE_POLICY")]
     policy: Option<PathBuf>,
-    /// Plain-HTTP listener for Prometheus (`GET /metrics`); `off` disables it, port 0 picks a
-    /// free port (logged as `metrics listening on http://ADDR/metrics`). Keep it on loopback
-    /// or a trusted network: it has no authentication.
+    /// Listener for Prometheus (`GET /metrics`); `off` disables it, port 0 picks a free port
+    /// (logged as `metrics listening on http(s)://ADDR/metrics`). Keep it on loopback or a
+    /// trusted network: it has no authentication.
     #[arg(
         long,
         env = "FAULTLINE_METRICS_LISTEN",
         default_value = "127.0.0.1:9464"
     )]
     metrics_listen: String,
+    /// Serve /metrics over HTTPS with the coordinator's certificate (coordinator.pem/.key
+    /// of --certs); scrapers verify it with the fleet CA (ca.pem) and one of its host names.
+    #[arg(long, env = "FAULTLINE_METRICS_TLS")]
+    metrics_tls: bool,
 }
 
 #[tokio::main]
@@ -45,9 +51,13 @@ async fn main() -> anyhow::Result<()> {
     );
     let args = Args::parse();
     faultline_coordinator::metrics::preset();
-    faultline_coordinator::metrics::start(
+    let certs = faultline_tls::layout::CertDir::new(&args.certs);
+    faultline_observability::start_metrics(
         &faultline_coordinator::metrics::REGISTRY,
         &args.metrics_listen,
+        args.metrics_tls,
+        &certs.coordinator_cert(),
+        &certs.coordinator_key(),
     )
     .await;
     let config = CoordinatorConfig {

@@ -41,6 +41,8 @@ pub struct OperatorService {
     pub events: RunEvents,
     /// The coordinator's safety policy, applied to every run on top of the plan's own.
     pub policy: Arc<Policy>,
+    /// Fed by the telemetry service, read by the runs' conditions.
+    pub live_telemetry: crate::telemetry::LiveTelemetry,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
@@ -282,6 +284,7 @@ impl OperatorService {
             hub: self.hub.clone(),
             store: self.store().clone(),
             events: self.events.clone(),
+            live: self.live_telemetry.clone(),
         };
         tokio::spawn(runner::execute(ctx, run_id.clone(), plan, cancel_rx));
         Ok(pb::StartRunResponse { run_id })
@@ -776,6 +779,7 @@ mod tests {
             auditor: Auditor::new(store.clone()),
             events: RunEvents::new(store),
             policy: Arc::new(parse_policy(policy).unwrap()),
+            live_telemetry: Default::default(),
         };
         (service, streams)
     }

@@ -12,6 +12,7 @@
 //! baseline to the end of the recovery check (`load-started`, `load-finished` with figures
 //! per phase).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -20,10 +21,11 @@ use faultline_domain::duration::format_duration;
 use std::sync::Mutex;
 
 use faultline_domain::plan::{
-    Condition, ConditionCheck, Plan, PlannedFault, Stage, StageTrigger, SteadyState,
-    check_condition, stop_condition_fired,
+    ConditionCheck, Plan, PlannedFault, Stage, StageTrigger, SteadyState, StopCondition,
+    TriggerCondition, VerdictInputs, check_condition, check_telemetry, judge_hypothesis,
+    run_verdict, stop_condition_fired, telemetry_stop_fired,
 };
-use faultline_domain::probe::{ProbeSample, Window};
+use faultline_domain::probe::{ProbeStats, Window, summarize};
 use faultline_proto::v1 as pb;
 use futures::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -36,6 +38,7 @@ use crate::hub::{AgentReport, HubHandle};
 use crate::load::{LoadGenerator, causes, load_stats};
 use crate::steady::ProbeSession;
 use crate::store::{RunEventRecord, RunState, Store, StoreError};
+use crate::telemetry::LiveTelemetry;
 use crate::wire::fault_to_wire;
 
 /// How long an agent has to answer an apply.
@@ -98,6 +101,8 @@ pub struct RunContext {
     pub hub: HubHandle,
     pub store: Store,
     pub events: RunEvents,
+    /// The run's recent telemetry, for telemetry conditions and span events.
+    pub live: LiveTelemetry,
 }
 
 /// How one fault of a stage ended.
@@ -127,6 +132,7 @@ pub async fn execute(
     plan: Plan,
     mut cancel: watch::Receiver<Option<String>>,
 ) {
+    ctx.live.watch(&run_id);
     let telemetry = crate::telemetry::TelemetrySubscription::start(&ctx.hub, &run_id, &plan).await;
     let run_span = tracing::info_span!(
         target: crate::observability::OTEL_TARGET,
@@ -137,15 +143,21 @@ pub async fn execute(
         faultline.plan.faults = plan.total_faults() as u64,
         faultline.run.state = tracing::field::Empty,
         faultline.run.reason = tracing::field::Empty,
+        faultline.run.verdict = tracing::field::Empty,
     );
     let active_run = crate::metrics::ActiveRun::new();
-    let driven = drive(&ctx, &run_id, &plan, &mut cancel)
+    let mut judged = VerdictInputs::default();
+    let driven = drive(&ctx, &run_id, &plan, &mut cancel, &mut judged)
         .instrument(run_span.clone())
         .await;
     let (state, reason) = match driven {
         Ok((state, reason)) => (state, reason),
         Err(err) => (RunState::Failed, format!("coordinator store failed: {err}")),
     };
+    judged.completed = state == RunState::Completed;
+    // The report judges the same way from the stored run (its tolerances over the faults'
+    // confirmed window rather than the stages' window): the report is the reference.
+    run_span.record("faultline.run.verdict", run_verdict(judged));
     run_span.record("faultline.run.state", state.as_str());
     run_span.record("faultline.run.reason", reason.as_str());
     if state == RunState::Halted {
@@ -161,6 +173,7 @@ pub async fn execute(
     drop(active_run);
     crate::metrics::REGISTRY.add("faultline_runs_total", &[state.as_str()], 1.0);
     telemetry.stop(&ctx.hub).await;
+    ctx.live.forget(&run_id);
     // Release the run's target locks first, so that whoever sees the run end may start the
     // next run on the same targets at once: its faults are reverted (or left to their leases).
     ctx.hub.unregister_run(&run_id).await;
@@ -187,6 +200,7 @@ async fn drive(
     run_id: &str,
     plan: &Plan,
     cancel: &mut watch::Receiver<Option<String>>,
+    judged: &mut VerdictInputs,
 ) -> Result<(RunState, String), StoreError> {
     let summary = format!(
         "{} stage(s), {} fault(s): {}",
@@ -224,7 +238,7 @@ async fn drive(
             Err(reason) => return Ok((RunState::Failed, reason)),
         };
         let started = now_ms();
-        let result = run_stages(ctx, run_id, plan, None, cancel).await;
+        let result = watched_stages(ctx, run_id, plan, None, cancel, judged).await;
         let phases = Phases {
             faults: Some(Window::new(started, now_ms() + 1)),
             ..Phases::default()
@@ -251,18 +265,22 @@ async fn drive(
         }
     };
     let mut phases = Phases::default();
+    phases.verdict.has_steady_state = true;
     let result = drive_with_probes(ctx, run_id, plan, steady, &probes, cancel, &mut phases).await;
+    *judged = phases.verdict;
     probes.stop().await;
     finish_load(ctx, run_id, load, &phases).await;
     result
 }
 
-/// When the baseline, the stages and the recovery check ran, for the load's figures.
+/// When the baseline, the stages and the recovery check ran, for the load's figures, and
+/// what the run's verdict is judged on.
 #[derive(Debug, Default)]
 struct Phases {
     baseline: Option<Window>,
     faults: Option<Window>,
     recovery: Option<Window>,
+    verdict: VerdictInputs,
 }
 
 /// Starts the plan's load, if it has one: `Ok(Err(reason))` when it cannot start.
@@ -354,7 +372,7 @@ async fn drive_with_probes(
         return Ok((RunState::Halted, reason));
     }
     phases.baseline = Some(Window::new(started, now_ms() + 1));
-    let check = probes.check(steady, Window::new(started, now_ms() + 1));
+    let check = check_span.in_scope(|| probes.check(steady, Window::new(started, now_ms() + 1)));
     check_span.record("faultline.steady", check.steady);
     drop(check_span);
     let message = format!(
@@ -378,36 +396,24 @@ async fn drive_with_probes(
         return Ok((RunState::Aborted, reason));
     }
 
-    // The stages see a switch of their own, flipped by a halt (forwarded) or a stop condition.
-    let (stop_tx, mut stop_rx) = watch::channel(None::<String>);
-    let fired: Mutex<Option<(String, JoinHandle<RunRevert>)>> = Mutex::new(None);
     let stages_started = now_ms();
-    let outcome = {
-        let stages = run_stages(ctx, run_id, plan, Some(probes), &mut stop_rx);
-        let monitor = watch_stop_conditions(ctx, run_id, plan, probes, cancel, &stop_tx, &fired);
-        tokio::select! {
-            biased;
-            outcome = stages => outcome?,
-            () = monitor => (RunState::Failed, "internal error: stop-condition monitor ended".into()),
-        }
-    };
-    phases.faults = Some(Window::new(stages_started, now_ms() + 1));
-    let fired = fired
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some((reason, revert)) = fired {
-        let reverted = revert.await.unwrap_or_default();
-        let unconfirmed = if reverted.unconfirmed.is_empty() {
-            String::new()
-        } else {
-            format!("; unconfirmed: {}", reverted.unconfirmed.join("; "))
-        };
-        let reason = format!(
-            "{reason}; {} fault(s) of the run reverted{unconfirmed}",
-            reverted.faults_reverted
-        );
-        return Ok((RunState::Aborted, reason));
-    }
+    let judged = &mut phases.verdict;
+    let outcome = watched_stages(ctx, run_id, plan, Some(probes), cancel, judged).await?;
+    let faults_window = Window::new(stages_started, now_ms() + 1);
+    phases.faults = Some(faults_window);
+    let during: BTreeMap<String, ProbeStats> = steady
+        .probes
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                summarize(&probes.samples(&p.name), faults_window),
+            )
+        })
+        .collect();
+    judged.tolerance_broken = judge_hypothesis(&plan.tolerances, &during)
+        .iter()
+        .any(|result| !result.held);
     if outcome.0 != RunState::Completed {
         return Ok(outcome);
     }
@@ -426,9 +432,11 @@ async fn drive_with_probes(
         return Ok((RunState::Halted, reason));
     }
     phases.recovery = Some(Window::new(recovery_start, now_ms() + 1));
-    let check = probes.check(steady, Window::new(recovery_start, now_ms() + 1));
+    let check =
+        check_span.in_scope(|| probes.check(steady, Window::new(recovery_start, now_ms() + 1)));
     check_span.record("faultline.steady", check.steady);
     drop(check_span);
+    phases.verdict.recovered = Some(check.steady);
     let message = format!(
         "after {} ({}): {}",
         format_duration(steady.baseline),
@@ -441,18 +449,99 @@ async fn drive_with_probes(
     Ok(outcome)
 }
 
+/// The stages, watched by the stop conditions (on the probes, when there are any, and on the
+/// run's telemetry). A stop condition that fires stops the stages, reverts the run's faults and
+/// makes the run aborted.
+async fn watched_stages(
+    ctx: &RunContext,
+    run_id: &str,
+    plan: &Plan,
+    probes: Option<&ProbeSession>,
+    cancel: &mut watch::Receiver<Option<String>>,
+    judged: &mut VerdictInputs,
+) -> Result<(RunState, String), StoreError> {
+    // The stages see a switch of their own, flipped by a halt (forwarded) or a stop condition.
+    let (stop_tx, mut stop_rx) = watch::channel(None::<String>);
+    let fired: Mutex<Option<(&'static str, String, JoinHandle<RunRevert>)>> = Mutex::new(None);
+    let outcome = {
+        let stages = run_stages(ctx, run_id, plan, probes, &mut stop_rx);
+        let monitor = watch_stop_conditions(ctx, run_id, plan, probes, cancel, &stop_tx, &fired);
+        tokio::select! {
+            biased;
+            outcome = stages => outcome?,
+            () = monitor => (RunState::Failed, "internal error: stop-condition monitor ended".into()),
+        }
+    };
+    // Kernel evidence of the last moments of the stages still belongs in the trace.
+    emit_notable(ctx, run_id).await;
+    let fired = fired
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((kind, reason, revert)) = fired {
+        judged.stop_condition_fired = kind == "stop-condition";
+        let reverted = revert.await.unwrap_or_default();
+        let unconfirmed = if reverted.unconfirmed.is_empty() {
+            String::new()
+        } else {
+            format!("; unconfirmed: {}", reverted.unconfirmed.join("; "))
+        };
+        let reason = format!(
+            "{reason}; {} fault(s) of the run reverted{unconfirmed}",
+            reverted.faults_reverted
+        );
+        return Ok((RunState::Aborted, reason));
+    }
+    Ok(outcome)
+}
+
+/// Records the run's notable kernel events seen since the last call (the first connect
+/// failure, OOM kills): a span event on the current span (the run's) and a `telemetry-event`
+/// in the timeline.
+async fn emit_notable(ctx: &RunContext, run_id: &str) {
+    for notable in ctx.live.take_notable(run_id) {
+        let message = notable.describe();
+        let e = &notable.event;
+        match notable.name() {
+            "faultline.telemetry.oom_kill" => tracing::event!(
+                target: crate::observability::OTEL_TARGET,
+                tracing::Level::INFO,
+                faultline.agent = notable.agent.as_str(),
+                faultline.target = e.target.as_str(),
+                process.pid = i64::from(e.pid),
+                process.command = e.comm.as_str(),
+                "faultline.telemetry.oom_kill"
+            ),
+            _ => tracing::event!(
+                target: crate::observability::OTEL_TARGET,
+                tracing::Level::INFO,
+                faultline.agent = notable.agent.as_str(),
+                faultline.target = e.target.as_str(),
+                faultline.telemetry.errno = faultline_domain::plan::errno_name(e.errno).as_str(),
+                process.pid = i64::from(e.pid),
+                process.command = e.comm.as_str(),
+                server.address = e.remote.as_str(),
+                "faultline.telemetry.first_connect_failure"
+            ),
+        }
+        let record = event("telemetry-event", "", &notable.agent, "", message);
+        if let Err(err) = ctx.events.emit(run_id, record, None).await {
+            tracing::error!(run = %run_id, %err, "could not record a telemetry event");
+        }
+    }
+}
+
 /// Forwards a halt from `cancel` to `stop`, and every [`STOP_CHECK_EVERY`] evaluates the plan's
 /// stop conditions: the first that fires is recorded, flips `stop` and starts reverting the
 /// run's faults (in a task of its own, so that it finishes even when this future is dropped).
-/// Never returns.
+/// Also records the notable kernel events as they arrive. Never returns.
 async fn watch_stop_conditions(
     ctx: &RunContext,
     run_id: &str,
     plan: &Plan,
-    probes: &ProbeSession,
+    probes: Option<&ProbeSession>,
     cancel: &mut watch::Receiver<Option<String>>,
     stop: &watch::Sender<Option<String>>,
-    fired: &Mutex<Option<(String, JoinHandle<RunRevert>)>>,
+    fired: &Mutex<Option<(&'static str, String, JoinHandle<RunRevert>)>>,
 ) {
     if let Some(reason) = cancel.borrow().clone() {
         stop.send_replace(Some(reason));
@@ -461,6 +550,9 @@ async fn watch_stop_conditions(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cancellable = true;
     let mut watching = !plan.stop_conditions.is_empty();
+    // Contact with the run's agents is watched whether or not the plan has stop conditions.
+    let mut watching_agents = true;
+    let agents: Vec<&str> = plan.agents().into_iter().collect();
     loop {
         tokio::select! {
             changed = cancel.changed(), if cancellable => {
@@ -469,34 +561,123 @@ async fn watch_stop_conditions(
                 } else if let Some(reason) = cancel.borrow().clone() {
                     stop.send_replace(Some(reason));
                     watching = false;
+                    watching_agents = false;
                 }
             }
-            _ = ticker.tick(), if watching => {
+            _ = ticker.tick() => {
+                emit_notable(ctx, run_id).await;
+                if !watching && !watching_agents {
+                    continue;
+                }
                 let now = now_ms();
-                let hit = plan.stop_conditions.iter().find_map(|condition| {
-                    stop_condition_fired(&probes.samples(&condition.probe), condition, now)
+                let on_telemetry = plan
+                    .stop_conditions
+                    .iter()
+                    .any(|c| matches!(c, StopCondition::Telemetry(_)));
+                let points = if on_telemetry {
+                    ctx.live.points(run_id)
+                } else {
+                    Vec::new()
+                };
+                let hit = plan.stop_conditions.iter().filter(|_| watching).find_map(|condition| match condition {
+                    // Plans are validated: a probe condition implies steady_state's probes.
+                    StopCondition::Probe(condition) => probes.and_then(|probes| {
+                        stop_condition_fired(&probes.samples(&condition.probe), condition, now)
+                    }),
+                    StopCondition::Telemetry(condition) => {
+                        telemetry_stop_fired(&points, condition, now)
+                    }
                 });
-                let Some(reason) = hit else { continue };
+                let hit = match hit {
+                    Some(reason) => Some(("stop-condition", "stop condition", reason)),
+                    None if watching_agents => lost_agent(ctx, &agents, plan.lease)
+                        .await
+                        .map(|reason| ("agent-lost", "agent lost", reason)),
+                    None => None,
+                };
+                let Some((kind, why, reason)) = hit else { continue };
                 watching = false;
+                watching_agents = false;
                 // The stages stop first, so that no fault counts a revert as its normal end.
                 stop.send_replace(Some(reason.clone()));
                 let hub = ctx.hub.clone();
                 let run = run_id.to_string();
-                let revert = tokio::spawn(async move {
-                    revert_run(&hub, &run, "stop condition").await
-                });
+                let revert = tokio::spawn(async move { revert_run(&hub, &run, why).await });
                 *fired.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    Some((reason.clone(), revert));
+                    Some((kind, reason.clone(), revert));
                 let message = format!("{reason}; reverting the run's faults");
                 if let Err(err) = ctx
                     .events
-                    .emit(run_id, event("stop-condition", "", "", "", message), None)
+                    .emit(run_id, event(kind, "", "", "", message), None)
                     .await
                 {
                     tracing::error!(run = %run_id, %err, "could not record the stop condition");
                 }
             }
             else => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// The first of the run's `agents` that is no longer connected, as the reason to abort: the
+/// stages cannot be driven without it, and the faults it holds are reverted by the agent
+/// itself once their lease runs out (nobody renews them any more).
+async fn lost_agent(ctx: &RunContext, agents: &[&str], lease: Duration) -> Option<String> {
+    let connected = ctx.hub.sessions().await;
+    let lost = agents
+        .iter()
+        .find(|agent| !connected.iter().any(|session| session.name == **agent))?;
+    Some(format!(
+        "agent {lost} lost contact with the coordinator; the faults it holds revert on the \
+         agent when their lease ({}) runs out",
+        format_duration(lease)
+    ))
+}
+
+/// Records reverts reported after their run ended — an agent that lost contact reverting by
+/// lease, a restarted agent reverting from its journal, a revert after a coordinator restart —
+/// in that run's timeline, so that the run shows its faults did end. Runs until the hub goes.
+pub async fn record_late_reverts(hub: HubHandle, store: Store, events: RunEvents) {
+    let mut reports = hub.subscribe_reports();
+    loop {
+        let report = match reports.recv().await {
+            Ok(report) => report,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "late-revert recorder lagged behind the agents' reports"
+                );
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let kind = match kind_of(&report.report) {
+            pb::ReportKind::Reverted => "fault-reverted",
+            pb::ReportKind::RevertFailed => "fault-revert-failed",
+            _ => continue,
+        };
+        let r = &report.report;
+        if r.run_id.is_empty() {
+            continue;
+        }
+        // A running run records its own reports (its faults wait for them).
+        match store.run_record(&r.run_id).await {
+            Ok(Some(run)) if run.state != RunState::Running.as_str() => {}
+            _ => continue,
+        }
+        // Fault ids are RUN/STAGE/INDEX.
+        let stage = r.fault_id.split('/').nth(1).unwrap_or_default();
+        let message = if kind == "fault-reverted" {
+            format!(
+                "reverted after the run ended ({}): {}",
+                r.revert_reason, r.detail
+            )
+        } else {
+            format!("revert failed after the run ended: {}", r.detail)
+        };
+        let record = event(kind, stage, &report.agent, &r.fault_id, message);
+        if let Err(err) = events.emit(&r.run_id, record, None).await {
+            tracing::error!(run = %r.run_id, %err, "could not record a late revert");
         }
     }
 }
@@ -785,14 +966,14 @@ async fn await_trigger(
     cancel: &mut watch::Receiver<Option<String>>,
 ) -> Result<Option<(RunState, String)>, StoreError> {
     let condition = &trigger.condition;
-    let Some(probes) = probes else {
-        // Plans are validated: a `when` always names a steady_state probe.
+    if let (TriggerCondition::Probe(_), None) = (condition, probes) {
+        // Plans are validated: a probe's `when` implies steady_state's probes.
         let reason = format!(
             "stage {}: `when` needs the steady_state probes, which are not running",
             stage.name
         );
         return Ok(Some((RunState::Failed, reason)));
-    };
+    }
     let message = format!(
         "waiting up to {} until {}",
         format_duration(trigger.timeout),
@@ -805,13 +986,18 @@ async fn await_trigger(
             None,
         )
         .await?;
-    let waited = wait_for_condition(
-        condition,
-        trigger.timeout,
-        || probes.samples(&condition.probe),
-        cancel,
-    )
-    .await;
+    let check = |now: i64| match condition {
+        TriggerCondition::Probe(condition) => {
+            let samples = probes
+                .map(|p| p.samples(&condition.probe))
+                .unwrap_or_default();
+            check_condition(&samples, condition, now)
+        }
+        TriggerCondition::Telemetry(condition) => {
+            check_telemetry(&ctx.live.points(run_id), condition, now)
+        }
+    };
+    let waited = wait_for_condition(trigger.timeout, check, cancel).await;
     match waited {
         ConditionWait::Held(check) => {
             let message = format!("condition held: {}", check.summary);
@@ -855,12 +1041,11 @@ enum ConditionWait {
     Cancelled(String),
 }
 
-/// Evaluates `condition` on `samples()` every [`TRIGGER_CHECK_EVERY`] (first at once) until
-/// it holds, `timeout` has passed, or `cancel` is flipped.
+/// Evaluates `check(now)` every [`TRIGGER_CHECK_EVERY`] (first at once) until it holds,
+/// `timeout` has passed, or `cancel` is flipped.
 async fn wait_for_condition(
-    condition: &Condition,
     timeout: Duration,
-    samples: impl Fn() -> Vec<ProbeSample>,
+    check: impl Fn(i64) -> ConditionCheck,
     cancel: &mut watch::Receiver<Option<String>>,
 ) -> ConditionWait {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -873,7 +1058,7 @@ async fn wait_for_condition(
         }
         tokio::select! {
             _ = ticker.tick() => {
-                let check = check_condition(&samples(), condition, now_ms());
+                let check = check(now_ms());
                 if check.held {
                     return ConditionWait::Held(check);
                 }
@@ -1234,7 +1419,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
-    use faultline_domain::plan::{Comparison, Metric};
+    use faultline_domain::plan::{Comparison, Condition, Metric};
+    use faultline_domain::probe::ProbeSample;
 
     use super::*;
 
@@ -1279,9 +1465,8 @@ mod tests {
         let (_tx, mut cancel) = watch::channel(None);
         let started = Instant::now();
         let waited = wait_for_condition(
-            &failing_rate_above_zero(),
             Duration::from_secs(10),
-            || samples.lock().unwrap().clone(),
+            |now| check_condition(&samples.lock().unwrap(), &failing_rate_above_zero(), now),
             &mut cancel,
         )
         .await;
@@ -1302,9 +1487,8 @@ mod tests {
         let (_tx, mut cancel) = watch::channel(None);
         let started = Instant::now();
         let waited = wait_for_condition(
-            &failing_rate_above_zero(),
             Duration::from_millis(700),
-            || samples.lock().unwrap().clone(),
+            |now| check_condition(&samples.lock().unwrap(), &failing_rate_above_zero(), now),
             &mut cancel,
         )
         .await;
@@ -1330,9 +1514,8 @@ mod tests {
         let started = Instant::now();
         // No samples at all: the condition can never hold.
         let waited = wait_for_condition(
-            &failing_rate_above_zero(),
             Duration::from_secs(30),
-            Vec::new,
+            |now| check_condition(&[], &failing_rate_above_zero(), now),
             &mut cancel,
         )
         .await;

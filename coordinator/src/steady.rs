@@ -83,13 +83,16 @@ impl ProbeSession {
             .unwrap_or_default()
     }
 
-    /// Judges every probe of `steady` over `window`.
+    /// Judges every probe of `steady` over `window`. Each probe's verdict is also a
+    /// `faultline.probe.check` span, a child of the current span (the run's
+    /// `faultline.steady_state.check`), carrying the statistics it was judged on.
     pub fn check(&self, steady: &SteadyState, window: Window) -> SteadyCheck {
         let mut parts = Vec::new();
         let mut reasons = Vec::new();
         for probe in &steady.probes {
             let samples = self.samples(&probe.name);
             let (stats, verdict) = baseline_verdict(&samples, window, steady.max_error_rate);
+            probe_span(&probe.name, probe.kind.name(), &stats, &verdict);
             match verdict {
                 Ok(()) => parts.push(format!("{}: steady, {}", probe.name, describe(&stats))),
                 Err(why) => {
@@ -240,6 +243,28 @@ fn record(probe: &str, sample: &ProbeSample) -> ProbeSampleRecord {
         value: sample.value.filter(|v| v.is_finite()),
         detail: cap_detail(&sample.detail, MAX_PROBE_DETAIL_LEN),
     }
+}
+
+/// Records one probe's verdict as a (momentary) `faultline.probe.check` span: the check is a
+/// computation over samples already taken, so the span's worth is its attributes, which
+/// let a trace show which probe made a phase steady or not, and on what evidence.
+fn probe_span(name: &str, kind: &str, stats: &ProbeStats, verdict: &Result<(), String>) {
+    let p95_ms = stats.latency_p95.map(|d| d.as_secs_f64() * 1000.0);
+    // As i64: the OpenTelemetry layer exports unsigned integers as strings.
+    let int = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let span = tracing::info_span!(
+        target: crate::observability::OTEL_TARGET,
+        "faultline.probe.check",
+        faultline.probe.name = name,
+        faultline.probe.kind = kind,
+        faultline.probe.samples = int(stats.count),
+        faultline.probe.errors = int(stats.errors),
+        faultline.probe.error_rate = stats.error_rate,
+        faultline.probe.latency_p95_ms = p95_ms,
+        faultline.steady = verdict.is_ok(),
+        faultline.probe.reason = verdict.as_ref().err().map(String::as_str),
+    );
+    drop(span);
 }
 
 /// `10 samples, 0 errors (0%), p50 1ms, p99 2ms`.

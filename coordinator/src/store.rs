@@ -1,9 +1,19 @@
-//! The coordinator's embedded store: one SQLite file holding agents, runs, run events, the
-//! runs' steady-state probe samples, the audit log and the halt switch. The schema is migrated
-//! on open; it survives restarts.
+//! The coordinator's store: agents, runs, run events, the runs' steady-state probe samples,
+//! the audit log and the halt switch. The schema is migrated on open; it survives restarts.
+//!
+//! Two backends behind one API: an embedded SQLite file (the default), and PostgreSQL
+//! ([`pg`], a `postgres://` URL as `--db`) which several coordinator replicas share for high
+//! availability (see `crate::leader`).
 //!
 //! SQLite calls are blocking, so every async method runs its statement on the blocking pool.
 //! Statements are short; one connection behind a mutex is plenty for a coordinator.
+
+#[cfg(any(test, feature = "store-conformance"))]
+pub mod conformance;
+mod pg;
+
+pub(crate) use pg::connect as pg_connect;
+pub use pg::{describe as describe_postgres_url, is_postgres_url};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -32,6 +42,21 @@ pub enum StoreError {
     Worker {
         operation: &'static str,
         message: String,
+    },
+    #[error("connecting to PostgreSQL at {target}: {source}")]
+    PgConnect {
+        target: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("migrating PostgreSQL schema to version {version}: {source}")]
+    PgMigrate {
+        version: u32,
+        source: tokio_postgres::Error,
+    },
+    #[error("{operation} (PostgreSQL): {source}")]
+    Pg {
+        operation: &'static str,
+        source: tokio_postgres::Error,
     },
 }
 
@@ -250,11 +275,47 @@ pub struct HaltRecord {
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(Arc<Mutex<Connection>>),
+    Postgres(pg::PgStore),
 }
 
 impl Store {
-    /// Opens (creating if needed) and migrates the database at `path`.
+    /// Opens the store named by the coordinator's `--db`: a `postgres://` (or
+    /// `postgresql://`) URL connects to PostgreSQL, anything else is a SQLite file path.
+    pub async fn open_db(db: &Path) -> Result<Self, StoreError> {
+        match db.to_str() {
+            Some(url) if is_postgres_url(url) => Self::open_postgres(url).await,
+            _ => Self::open(db),
+        }
+    }
+
+    /// Connects to PostgreSQL at `url` and migrates its schema.
+    pub async fn open_postgres(url: &str) -> Result<Self, StoreError> {
+        Ok(Self {
+            backend: Backend::Postgres(pg::PgStore::open(url).await?),
+        })
+    }
+
+    /// Is this store PostgreSQL (shared by replicas) rather than an embedded SQLite file?
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// Resolves when the store can no longer record anything (its PostgreSQL connection
+    /// closed); never for SQLite.
+    pub async fn lost(&self) {
+        match &self.backend {
+            Backend::Sqlite(_) => std::future::pending().await,
+            Backend::Postgres(pg) => pg.lost().await,
+        }
+    }
+
+    /// Opens (creating if needed) and migrates the SQLite database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path).map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
@@ -298,7 +359,7 @@ impl Store {
                 .map_err(|source| StoreError::Migrate { version, source })?;
         }
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            backend: Backend::Sqlite(Arc::new(Mutex::new(conn))),
         })
     }
 
@@ -307,7 +368,14 @@ impl Store {
         operation: &'static str,
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let conn = Arc::clone(&self.conn);
+        // Every public method hands PostgreSQL stores to `pg` before getting here.
+        let Backend::Sqlite(conn) = &self.backend else {
+            return Err(StoreError::Worker {
+                operation,
+                message: "SQLite statement on a PostgreSQL store".into(),
+            });
+        };
+        let conn = Arc::clone(conn);
         tokio::task::spawn_blocking(move || {
             let mut guard = conn.lock().map_err(|_| StoreError::Worker {
                 operation,
@@ -331,6 +399,9 @@ impl Store {
         outcome: &str,
         detail: &str,
     ) -> Result<(), StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.audit(at_ms, actor, action, outcome, detail).await;
+        }
         let row = (
             at_ms,
             actor.to_string(),
@@ -349,6 +420,9 @@ impl Store {
     }
 
     pub async fn list_audit(&self, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.list_audit(limit).await;
+        }
         self.with("listing audit entries", move |conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, at_ms, actor, action, outcome, detail FROM audit
@@ -373,6 +447,9 @@ impl Store {
 
     /// Records an agent's registration (first seen is kept across reconnects).
     pub async fn upsert_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.upsert_agent(record).await;
+        }
         self.with("recording agent", move |conn| {
             conn.execute(
                 "INSERT INTO agents (name, version, host_json, capabilities_json, first_seen_ms,
@@ -397,6 +474,9 @@ impl Store {
     }
 
     pub async fn touch_agent(&self, name: &str, last_seen_ms: i64) -> Result<(), StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.touch_agent(name, last_seen_ms).await;
+        }
         let name = name.to_string();
         self.with("updating agent last-seen", move |conn| {
             conn.execute(
@@ -409,6 +489,9 @@ impl Store {
     }
 
     pub async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.list_agents().await;
+        }
         self.with("listing agents", |conn| {
             let mut stmt = conn.prepare(
                 "SELECT name, version, host_json, capabilities_json, first_seen_ms, last_seen_ms
@@ -430,6 +513,9 @@ impl Store {
     }
 
     pub async fn create_run(&self, run: RunRecord) -> Result<(), StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.create_run(run).await;
+        }
         self.with("creating run", move |conn| {
             conn.execute(
                 "INSERT INTO runs (id, title, state, plan_yaml, operator, created_ms, finished_ms,
@@ -457,6 +543,9 @@ impl Store {
         run_id: &str,
         mut event: RunEventRecord,
     ) -> Result<RunEventRecord, StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.append_event(run_id, event).await;
+        }
         let run_id = run_id.to_string();
         self.with("appending run event", move |conn| {
             let tx = conn.transaction()?;
@@ -493,6 +582,9 @@ impl Store {
         run_id: &str,
         samples: Vec<ProbeSampleRecord>,
     ) -> Result<usize, StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.append_probe_samples(run_id, samples).await;
+        }
         if samples.is_empty() {
             return Ok(0);
         }
@@ -529,6 +621,9 @@ impl Store {
         run_id: &str,
         limit: usize,
     ) -> Result<Vec<ProbeSampleRecord>, StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.probe_samples(run_id, limit).await;
+        }
         let run_id = run_id.to_string();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with("reading probe samples", move |conn| {
@@ -559,6 +654,9 @@ impl Store {
         reason: &str,
         at_ms: i64,
     ) -> Result<(), StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.finish_run(run_id, state, reason, at_ms).await;
+        }
         let run_id = run_id.to_string();
         let reason = reason.to_string();
         let finished = state.is_final().then_some(at_ms);
@@ -573,6 +671,9 @@ impl Store {
     }
 
     pub async fn list_runs(&self, limit: u32) -> Result<Vec<RunRecord>, StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.list_runs(limit).await;
+        }
         self.with("listing runs", move |conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, title, state, plan_yaml, operator, created_ms, finished_ms, reason
@@ -588,6 +689,9 @@ impl Store {
         &self,
         run_id: &str,
     ) -> Result<Option<(RunRecord, Vec<RunEventRecord>)>, StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.get_run(run_id).await;
+        }
         let run_id = run_id.to_string();
         self.with("reading run", move |conn| {
             let run = conn
@@ -628,6 +732,9 @@ impl Store {
         reason: &str,
         at_ms: i64,
     ) -> Result<Vec<String>, StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.abort_unfinished_runs(reason, at_ms).await;
+        }
         let reason = reason.to_string();
         self.with("aborting unfinished runs", move |conn| {
             let tx = conn.transaction()?;
@@ -661,6 +768,9 @@ impl Store {
     }
 
     pub async fn halt_state(&self) -> Result<HaltRecord, StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.halt_state().await;
+        }
         self.with("reading halt switch", |conn| {
             conn.query_row(
                 "SELECT halted, reason, since_ms FROM halt WHERE id = 1",
@@ -678,6 +788,9 @@ impl Store {
     }
 
     pub async fn set_halt(&self, record: HaltRecord) -> Result<(), StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.set_halt(record).await;
+        }
         self.with("setting halt switch", move |conn| {
             conn.execute(
                 "UPDATE halt SET halted = ?1, reason = ?2, since_ms = ?3 WHERE id = 1",
@@ -777,6 +890,9 @@ impl Store {
         merge: fn(&[u8], &[u8]) -> Vec<u8>,
         limits: TelemetryLimits,
     ) -> Result<TelemetryStored, StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.append_telemetry(write, merge, limits).await;
+        }
         self.with("storing telemetry", move |conn| {
             let tx = conn.transaction()?;
             let known: Option<(u64, String)> = tx
@@ -924,6 +1040,9 @@ impl Store {
         run_id: &str,
         since_ms: i64,
     ) -> Result<TelemetryRead, StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.telemetry(run_id, since_ms).await;
+        }
         let run_id = run_id.to_string();
         self.with("reading telemetry", move |conn| {
             let mut stmt = conn.prepare(
@@ -991,6 +1110,9 @@ impl Store {
 
     /// A run without its events (cheaper than [`Store::get_run`]).
     pub async fn run_record(&self, run_id: &str) -> Result<Option<RunRecord>, StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.run_record(run_id).await;
+        }
         let run_id = run_id.to_string();
         self.with("reading run", move |conn| {
             conn.query_row(
@@ -1020,20 +1142,8 @@ fn run_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
 
 #[cfg(test)]
 mod tests {
+    use super::conformance::run;
     use super::*;
-
-    fn run(id: &str, created_ms: i64) -> RunRecord {
-        RunRecord {
-            id: id.into(),
-            title: "t".into(),
-            state: RunState::Running.as_str().into(),
-            plan_yaml: "y".into(),
-            operator: "operator/op".into(),
-            created_ms,
-            finished_ms: None,
-            reason: String::new(),
-        }
-    }
 
     #[tokio::test]
     async fn runs_events_and_audit_survive_reopening_the_file() {
@@ -1065,31 +1175,6 @@ mod tests {
         let audit = store.list_audit(10).await.unwrap();
         assert_eq!(audit.len(), 1);
         assert_eq!(audit[0].action, "start-run");
-    }
-
-    #[tokio::test]
-    async fn unfinished_runs_are_aborted_with_a_reason_and_an_event() {
-        let store = Store::open_in_memory().unwrap();
-        store.create_run(run("live", 1)).await.unwrap();
-        store.create_run(run("done", 2)).await.unwrap();
-        store
-            .finish_run("done", RunState::Completed, "", 3)
-            .await
-            .unwrap();
-        let aborted = store
-            .abort_unfinished_runs("coordinator restarted", 9)
-            .await
-            .unwrap();
-        assert_eq!(aborted, ["live"]);
-        let (live, events) = store.get_run("live").await.unwrap().unwrap();
-        assert_eq!(
-            (live.state.as_str(), live.finished_ms),
-            ("aborted", Some(9))
-        );
-        assert_eq!(live.reason, "coordinator restarted");
-        assert_eq!(events.last().unwrap().kind, "run-aborted");
-        let (done, _) = store.get_run("done").await.unwrap().unwrap();
-        assert_eq!(done.state, "completed");
     }
 
     fn sample(probe: &str, at_ms: i64, ok: bool) -> ProbeSampleRecord {
@@ -1197,42 +1282,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn halt_switch_round_trips() {
-        let store = Store::open_in_memory().unwrap();
-        assert!(!store.halt_state().await.unwrap().halted);
-        let halted = HaltRecord {
-            halted: true,
-            reason: "game-day over".into(),
-            since_ms: 4,
-        };
-        store.set_halt(halted.clone()).await.unwrap();
-        assert_eq!(store.halt_state().await.unwrap(), halted);
-    }
-
-    #[tokio::test]
-    async fn runs_list_newest_first_and_agents_keep_first_seen() {
-        let store = Store::open_in_memory().unwrap();
-        store.create_run(run("a", 1)).await.unwrap();
-        store.create_run(run("b", 2)).await.unwrap();
-        let ids: Vec<_> = store
-            .list_runs(10)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(ids, ["b", "a"]);
-        let agent = |seen| AgentRecord {
-            name: "agent-1".into(),
-            version: "0.1".into(),
-            host_json: "{}".into(),
-            capabilities_json: "[]".into(),
-            first_seen_ms: seen,
-            last_seen_ms: seen,
-        };
-        store.upsert_agent(agent(1)).await.unwrap();
-        store.upsert_agent(agent(5)).await.unwrap();
-        let agents = store.list_agents().await.unwrap();
-        assert_eq!((agents[0].first_seen_ms, agents[0].last_seen_ms), (1, 5));
+    async fn the_sqlite_store_passes_the_conformance_suite() {
+        // Two connections to one file, as two coordinators would have.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("faultline.db");
+        let store = Store::open(&path).unwrap();
+        let other = Store::open(&path).unwrap();
+        conformance::check_semantics(&store, &other).await;
     }
 }

@@ -16,12 +16,13 @@
 //! - [`run_telemetry`] reads it back for `GetRun` (reports) and `GetTelemetry`
 //!   (`faultline telemetry RUN --follow`), coarsening buckets until the answer fits its budget.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use faultline_domain::fault::TargetSelector;
-use faultline_domain::plan::{Plan, parse_plan};
+use faultline_domain::plan::{Plan, TelemetryPoint, errno_name, parse_plan};
 use faultline_proto::v1 as pb;
 use faultline_tls::identity::{Role, peer_identity};
 use futures::Stream;
@@ -161,6 +162,8 @@ impl TelemetrySubscription {
 #[derive(Debug, Clone)]
 pub struct TelemetryService {
     pub auditor: Auditor,
+    /// Accepted batches of runs in progress also go here, for their conditions.
+    pub live: LiveTelemetry,
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<pb::TelemetryAck, Status>> + Send>>;
@@ -195,6 +198,7 @@ impl pb::agent_telemetry_server::AgentTelemetry for TelemetryService {
         }
         let agent = identity.name.clone();
         let store = self.auditor.store().clone();
+        let live = self.live.clone();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -202,7 +206,14 @@ impl pb::agent_telemetry_server::AgentTelemetry for TelemetryService {
             while let Some(message) = inbound.next().await {
                 match message {
                     Ok(batch) => {
+                        let watched = live.is_watched(&batch.run_id).then(|| batch.clone());
                         let ack = accept(&store, &agent, batch, &mut runs, now_ms()).await;
+                        // `stop` also refuses strangers: only accepted batches feed conditions.
+                        if let Some(batch) = watched
+                            && !ack.stop
+                        {
+                            live.record(&agent, &batch);
+                        }
                         if tx.send(Ok(ack)).await.is_err() {
                             return;
                         }
@@ -451,6 +462,202 @@ pub fn merge_target(into: &mut pb::TargetTelemetry, other: &pb::TargetTelemetry)
         add_opt(&mut mine.nr_throttled, theirs.nr_throttled);
         add_opt(&mut mine.throttled_us, theirs.throttled_us);
         add_opt(&mut mine.oom_kills, theirs.oom_kills);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live view, for stop conditions, `when` triggers and span events.
+
+/// How much of a run's live telemetry is kept: the longest condition window, and a bound on
+/// points (one per target, agent and second).
+const LIVE_KEEP_MS: i64 = 600_000;
+const LIVE_MAX_POINTS: usize = 100_000;
+/// OOM kills reported as notable per run at most (the report lists them all).
+const LIVE_MAX_OOM_NOTES: usize = 20;
+
+/// The recent telemetry of the runs in progress, in memory, as the runner's conditions read
+/// it ([`TelemetryPoint`]), plus notable kernel events (the first connect failure, OOM kills)
+/// for the run's trace and timeline. Only runs the runner watches are kept.
+#[derive(Debug, Clone, Default)]
+pub struct LiveTelemetry {
+    runs: Arc<Mutex<HashMap<String, LiveRun>>>,
+}
+
+#[derive(Debug, Default)]
+struct LiveRun {
+    points: VecDeque<TelemetryPoint>,
+    notable: Vec<Notable>,
+    connect_failure_seen: bool,
+    oom_kills_noted: usize,
+}
+
+/// A kernel event worth a span event and a line in the run's timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notable {
+    pub agent: String,
+    pub event: pb::TelemetryEvent,
+}
+
+impl Notable {
+    /// The span event's name.
+    pub fn name(&self) -> &'static str {
+        if self.event.kind == "oom-kill" {
+            "faultline.telemetry.oom_kill"
+        } else {
+            "faultline.telemetry.first_connect_failure"
+        }
+    }
+
+    /// For a person: `first connect failure: ECONNREFUSED, api (pid 7, curl) -> 10.0.0.3:5432`.
+    pub fn describe(&self) -> String {
+        let e = &self.event;
+        if e.kind == "oom-kill" {
+            format!(
+                "OOM kill on {}: {} (pid {}) in {}",
+                self.agent, e.comm, e.pid, e.target
+            )
+        } else {
+            format!(
+                "first connect failure on {}: {} in {} ({} pid {}) to {}",
+                self.agent,
+                errno_name(e.errno),
+                e.target,
+                e.comm,
+                e.pid,
+                e.remote
+            )
+        }
+    }
+}
+
+impl LiveTelemetry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, LiveRun>> {
+        self.runs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts keeping `run_id`'s telemetry.
+    pub fn watch(&self, run_id: &str) {
+        self.lock().entry(run_id.to_string()).or_default();
+    }
+
+    /// Stops keeping it and drops what was kept.
+    pub fn forget(&self, run_id: &str) {
+        self.lock().remove(run_id);
+    }
+
+    pub fn is_watched(&self, run_id: &str) -> bool {
+        self.lock().contains_key(run_id)
+    }
+
+    /// Keeps an accepted batch of a watched run (others are ignored).
+    pub fn record(&self, agent: &str, batch: &pb::TelemetryBatch) {
+        let mut runs = self.lock();
+        let Some(run) = runs.get_mut(&batch.run_id) else {
+            return;
+        };
+        for target in &batch.targets {
+            run.points.push_back(to_point(
+                agent,
+                batch.from_unix_ms,
+                batch.to_unix_ms,
+                target,
+            ));
+        }
+        let newest = run.points.iter().map(|p| p.to_ms).max().unwrap_or(0);
+        while run.points.len() > LIVE_MAX_POINTS
+            || run
+                .points
+                .front()
+                .is_some_and(|p| p.to_ms < newest - LIVE_KEEP_MS)
+        {
+            run.points.pop_front();
+        }
+        for event in &batch.events {
+            let notable = match event.kind.as_str() {
+                "connect-failed" if !run.connect_failure_seen => {
+                    run.connect_failure_seen = true;
+                    true
+                }
+                "oom-kill" if run.oom_kills_noted < LIVE_MAX_OOM_NOTES => {
+                    run.oom_kills_noted += 1;
+                    true
+                }
+                _ => false,
+            };
+            if notable {
+                run.notable.push(Notable {
+                    agent: agent.to_string(),
+                    event: event.clone(),
+                });
+            }
+        }
+    }
+
+    /// The kept points of `run_id`, oldest first.
+    pub fn points(&self, run_id: &str) -> Vec<TelemetryPoint> {
+        self.lock()
+            .get(run_id)
+            .map(|run| run.points.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The notable events since the last call.
+    pub fn take_notable(&self, run_id: &str) -> Vec<Notable> {
+        self.lock()
+            .get_mut(run_id)
+            .map(|run| std::mem::take(&mut run.notable))
+            .unwrap_or_default()
+    }
+}
+
+/// What the conditions measure of one target's interval. Fallback figures (netns-wide
+/// /proc counters, cgroup files) stand in where the programs did not load; both are never set
+/// for the same signal.
+pub fn to_point(
+    agent: &str,
+    from_ms: i64,
+    to_ms: i64,
+    target: &pb::TargetTelemetry,
+) -> TelemetryPoint {
+    let fallback = target.fallback.unwrap_or_default();
+    let errnos = |counts: &[pb::ErrnoCount]| counts.iter().map(|c| c.count).sum::<u64>();
+    let runq = target
+        .sched
+        .as_ref()
+        .and_then(|sched| sched.runq_latency.clone())
+        .unwrap_or_default();
+    TelemetryPoint {
+        agent: agent.to_string(),
+        target: target.name.clone(),
+        selector: target.selector.clone(),
+        from_ms,
+        to_ms,
+        retransmits: target.tcp.iter().map(|t| t.retransmits).sum::<u64>()
+            + fallback.retrans_segs.unwrap_or(0),
+        connect_failures: target
+            .tcp
+            .iter()
+            .map(|t| errnos(&t.connect_failed))
+            .sum::<u64>()
+            + fallback.attempt_fails.unwrap_or(0),
+        resets: target
+            .tcp
+            .iter()
+            .map(|t| t.resets_sent + t.resets_received)
+            .sum::<u64>()
+            + fallback.estab_resets.unwrap_or(0)
+            + fallback.out_rsts.unwrap_or(0),
+        runq_buckets: runq.buckets,
+        runq_max_ns: runq.max_ns,
+        oom_kills: target.oom_kills + fallback.oom_kills.unwrap_or(0),
+        crashes: target
+            .exits
+            .iter()
+            .filter(|exit| exit.signal.is_some() || exit.code.is_some_and(|code| code != 0))
+            .map(|exit| exit.count)
+            .sum(),
     }
 }
 
@@ -861,6 +1068,91 @@ stages:
         let width = telemetry.samples[0].width_ms;
         assert!(width >= 8000, "{width}");
         assert_eq!(telemetry.samples[0].at_unix_ms % i64::from(width), 0);
+    }
+
+    #[test]
+    fn live_telemetry_keeps_watched_runs_and_notes_the_first_failure_once() {
+        let live = LiveTelemetry::default();
+        // Not watched: ignored.
+        live.record("agent-1", &batch(1, T0, vec![target(4, 2)]));
+        assert!(live.points("run-1").is_empty());
+        live.watch("run-1");
+        live.record("agent-1", &batch(1, T0, vec![target(4, 2)]));
+        let mut oom = batch(2, T0 + 1000, vec![target(1, 3)]);
+        oom.events.push(pb::TelemetryEvent {
+            kind: "oom-kill".into(),
+            target: "db".into(),
+            comm: "hog".into(),
+            pid: 42,
+            ..Default::default()
+        });
+        live.record("agent-1", &oom);
+        let points = live.points("run-1");
+        assert_eq!(points.len(), 2);
+        assert_eq!(
+            (
+                points[0].retransmits,
+                points[0].connect_failures,
+                points[0].crashes
+            ),
+            (4, 2, 1),
+            "{points:?}"
+        );
+        assert_eq!((points[1].from_ms, points[1].to_ms), (T0 + 1000, T0 + 2000));
+        assert_eq!(points[0].runq_buckets, vec![1, 2]);
+        // Two batches each with a connect failure: noted once; the OOM kill noted too.
+        let notable = live.take_notable("run-1");
+        let names: Vec<&str> = notable.iter().map(Notable::name).collect();
+        assert_eq!(
+            names,
+            vec![
+                "faultline.telemetry.first_connect_failure",
+                "faultline.telemetry.oom_kill"
+            ]
+        );
+        assert!(
+            notable[0].describe().contains("ECONNREFUSED in db"),
+            "{notable:?}"
+        );
+        assert!(live.take_notable("run-1").is_empty(), "taken once");
+        // Points older than the longest window are let go.
+        live.record(
+            "agent-1",
+            &batch(3, T0 + LIVE_KEEP_MS + 5_000, vec![target(0, 0)]),
+        );
+        assert_eq!(live.points("run-1").len(), 1);
+        live.forget("run-1");
+        assert!(!live.is_watched("run-1"));
+    }
+
+    #[test]
+    fn fallback_figures_stand_in_for_the_programs() {
+        let fallback = pb::TargetTelemetry {
+            name: "db".into(),
+            fallback: Some(pb::FallbackTelemetry {
+                retrans_segs: Some(7),
+                attempt_fails: Some(3),
+                estab_resets: Some(1),
+                out_rsts: Some(2),
+                oom_kills: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let point = to_point("agent-1", 0, 1000, &fallback);
+        assert_eq!(
+            (
+                point.retransmits,
+                point.connect_failures,
+                point.resets,
+                point.oom_kills
+            ),
+            (7, 3, 3, 1)
+        );
+        assert!(
+            point.runq_buckets.is_empty(),
+            "no histogram in fallback mode"
+        );
     }
 
     #[test]

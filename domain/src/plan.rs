@@ -69,6 +69,9 @@
 //!
 //! Two more optional keys, `steady_state` and `stop_conditions`, name probes sampled around
 //! the run and when to abort it; see the `steady` module ([`SteadyState`], [`StopCondition`]).
+//! Stop conditions and stage triggers may also watch the run's kernel telemetry
+//! (`{ telemetry: "tcp_retransmits_per_s{target=db} > 50", window: 5s }`); see the
+//! `telemetry` module ([`TelemetryCondition`], [`check_telemetry`]).
 //!
 //! A protection has `agent`, one target key (as in `target`: `container`, `id`, `label`,
 //! `cgroup`, `pid`, `process`) or both.
@@ -159,6 +162,7 @@ mod rules;
 mod safety;
 mod source;
 mod steady;
+mod telemetry;
 mod units;
 mod vars;
 
@@ -170,9 +174,10 @@ use serde::{Deserialize, Serialize};
 use serde_saphyr::{Location, MessageFormatter as _, Spanned};
 
 pub use self::condition::{
-    Comparison, Condition, ConditionCheck, DEFAULT_WHEN_TIMEOUT, Limit, MAX_WHEN_TIMEOUT,
-    MIN_WHEN_TIMEOUT, Metric, StageTrigger, Tolerance, ToleranceResult, check_condition,
-    hypothesis_held, judge_hypothesis,
+    CONFIRMED, Comparison, Condition, ConditionCheck, DEFAULT_WHEN_TIMEOUT, Limit,
+    MAX_WHEN_TIMEOUT, MIN_WHEN_TIMEOUT, Metric, NOT_EVALUATED, REFUTED, StageTrigger, Tolerance,
+    ToleranceResult, TriggerCondition, VerdictInputs, check_condition, hypothesis_held,
+    judge_hypothesis, run_verdict,
 };
 pub use self::load::{
     DEFAULT_LOAD_TIMEOUT, DEFAULT_MAX_IN_FLIGHT, LoadRate, LoadSpec, MAX_IN_FLIGHT,
@@ -184,8 +189,12 @@ pub use self::rules::{example_kinds, example_selectors, example_specs};
 pub use self::safety::{BlastRadius, MAX_BLAST_LIMIT, Policy, Protected, parse_policy};
 pub use self::source::MAX_INCLUDE_DEPTH;
 pub use self::steady::{
-    DEFAULT_BASELINE, SteadyState, StopCondition, baseline_verdict, format_rate,
-    stop_condition_fired,
+    DEFAULT_BASELINE, ProbeStopCondition, SteadyState, StopCondition, baseline_verdict,
+    format_rate, stop_condition_fired,
+};
+pub use self::telemetry::{
+    TelemetryCondition, TelemetryExpression, TelemetryMetric, TelemetryPoint, check_telemetry,
+    errno_name, log2_quantile_us, parse_expression, target_label, telemetry_stop_fired,
 };
 pub use self::vars::{MAX_VAR_NAME_LEN, MAX_VAR_VALUE_LEN};
 use crate::duration::{format_duration, parse_duration};
@@ -962,6 +971,9 @@ impl Checker {
         let protected = self.protections(plan.protected.as_ref());
         let stop_conditions =
             self.stop_conditions(plan.stop_conditions.as_ref(), steady_state.as_ref());
+        if let Some(stages) = &stages {
+            self.telemetry_labels(plan, stages);
+        }
         let hypothesis = self.hypothesis(plan.hypothesis.as_ref(), steady_state.as_ref());
         let load = self.load(plan.load.as_ref());
         let (hypothesis, tolerances) = match hypothesis {
@@ -983,6 +995,72 @@ impl Checker {
             stop_conditions: stop_conditions?,
             load: load?,
         })
+    }
+
+    /// Telemetry covers the targets of the run's faults and nothing else, so a telemetry
+    /// condition's `target=` must name one of them (on its `agent=`, when given) and its
+    /// `agent=` one of the plan's agents: anything else would wait or watch forever in vain.
+    fn telemetry_labels(&mut self, plan: &RawPlan, stages: &[Stage]) {
+        let faults: Vec<&PlannedFault> = stages.iter().flat_map(|s| &s.faults).collect();
+        let stop_items = plan.stop_conditions.iter().flat_map(|list| {
+            list.value.iter().enumerate().filter_map(|(index, item)| {
+                let expression = item.value.telemetry.as_ref()?;
+                Some((format!("stop_conditions[{index}].telemetry"), expression))
+            })
+        });
+        let when_items = plan.stages.iter().flat_map(|list| {
+            list.value.iter().enumerate().filter_map(|(index, stage)| {
+                let expression = stage.value.when.as_ref()?.value.telemetry.as_ref()?;
+                Some((format!("stages[{index}].when.telemetry"), expression))
+            })
+        });
+        let items: Vec<(String, &Spanned<String>)> = stop_items.chain(when_items).collect();
+        for (field, expression) in items {
+            // Expressions that do not parse were reported where they were read.
+            let Ok(parsed) = parse_expression(&expression.value) else {
+                continue;
+            };
+            if let Some(agent) = &parsed.agent
+                && !faults.iter().any(|fault| &fault.agent == agent)
+            {
+                let agents: BTreeSet<&str> = faults.iter().map(|f| f.agent.as_str()).collect();
+                let message = format!(
+                    "agent {agent:?} has no fault in this plan (its agents: {}); telemetry \
+                     comes from the agents of the run's faults",
+                    agents.into_iter().collect::<Vec<_>>().join(", ")
+                );
+                self.report(&expression.referenced, &field, message);
+                continue;
+            }
+            let Some(target) = &parsed.target else {
+                continue;
+            };
+            let candidates: Vec<&PlannedFault> = faults
+                .iter()
+                .copied()
+                .filter(|fault| parsed.agent.as_ref().is_none_or(|a| &fault.agent == a))
+                .collect();
+            if candidates
+                .iter()
+                .any(|fault| label_names(&fault.spec.target, target))
+            {
+                continue;
+            }
+            let known: BTreeSet<String> = candidates
+                .iter()
+                .map(|fault| target_label(&fault.spec.target))
+                .collect();
+            let message = format!(
+                "target {target:?} is not a target of the plan's faults{} (those are: {}); \
+                 telemetry covers the targets of the run's faults",
+                parsed
+                    .agent
+                    .as_ref()
+                    .map_or(String::new(), |agent| format!(" on agent {agent}")),
+                known.into_iter().collect::<Vec<_>>().join(", ")
+            );
+            self.report(&expression.referenced, &field, message);
+        }
     }
 
     /// `names` maps each stage name seen so far to its index, for the uniqueness rule.
@@ -1787,6 +1865,20 @@ fn process_name(text: &str) -> Result<String, String> {
 }
 
 /// `[a-z0-9-]{1,63}`: stage names appear in run ids, logs and metrics labels.
+/// Whether a telemetry condition's `target=` label names `selector`: its value as written
+/// ([`target_label`]), or, for a name pattern, a container name the pattern matches.
+fn label_names(selector: &TargetSelector, label: &str) -> bool {
+    if target_label(selector) == label {
+        return true;
+    }
+    match selector {
+        TargetSelector::ContainerRegex(pattern) => {
+            regex::Regex::new(&format!("^(?:{pattern})$")).is_ok_and(|re| re.is_match(label))
+        }
+        _ => false,
+    }
+}
+
 fn is_stage_name(name: &str) -> bool {
     (1..=MAX_NAME_LEN).contains(&name.len())
         && name

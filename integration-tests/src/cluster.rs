@@ -46,6 +46,19 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Wraps a child started by a test itself (stopped on drop like the cluster's own).
+    pub fn from_child(name: &str, child: Child) -> Proc {
+        Proc {
+            name: name.to_string(),
+            child: Some(child),
+        }
+    }
+
+    /// Has the process exited (or been reaped already)? Its exit status if so.
+    pub fn try_exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     pub fn pid(&self) -> Option<Pid> {
         self.child
             .as_ref()
@@ -245,6 +258,46 @@ impl Cluster {
         let path = self.dir.path().join(name);
         std::fs::write(&path, yaml)?;
         Ok(path)
+    }
+
+    /// Writes the plan as `name` and starts it with `faultline run`; returns the run id.
+    pub async fn start_run(&self, name: &str, yaml: &str) -> anyhow::Result<String> {
+        let path = self.write_plan(name, yaml)?;
+        let out = self.cli(&["run", path_str(&path)?]).await?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if !out.status.success() {
+            bail!(
+                "faultline run {name} failed: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // "run <ID> started: <title>"
+        stdout
+            .split_whitespace()
+            .nth(1)
+            .map(str::to_string)
+            .with_context(|| format!("no run id in {stdout:?}"))
+    }
+
+    /// The run (`runs show --output json`) once it has ended, polled for at most `timeout`.
+    pub async fn finished(
+        &self,
+        run_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let run = self
+                .cli_json(&["runs", "show", run_id, "--output", "json"])
+                .await?;
+            if run["state"] != "running" {
+                return Ok(run);
+            }
+            if Instant::now() >= deadline {
+                bail!("run {run_id} still running after {timeout:?}: {run:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 

@@ -84,11 +84,28 @@ impl TestContainer {
     /// Starts a container with exactly this name and extra `(key, value)` labels, and waits
     /// until it is running. Callers must make `name` unique (see [`unique_name`]).
     pub async fn start_named(name: &str, labels: &[(&str, &str)]) -> anyhow::Result<TestContainer> {
+        Self::start_running(name, labels, &[]).await
+    }
+
+    /// Starts a container named `<name_prefix>-<unique suffix>` that runs `command` (a
+    /// program of [`IMAGE_BINARIES`], e.g. a `/bin/sh -c` loop) instead of `sleep infinity`.
+    pub async fn start_with_command(
+        name_prefix: &str,
+        command: &[&str],
+    ) -> anyhow::Result<TestContainer> {
+        Self::start_running(&unique_name(name_prefix), &[], command).await
+    }
+
+    async fn start_running(
+        name: &str,
+        labels: &[(&str, &str)],
+        command: &[&str],
+    ) -> anyhow::Result<TestContainer> {
         let image = ensure_test_image().await?;
         let mut all_labels = vec![TEST_LABEL.to_string()];
         all_labels.extend(labels.iter().map(|(key, value)| format!("{key}={value}")));
         let label_refs: Vec<&str> = all_labels.iter().map(String::as_str).collect();
-        let id = lab_docker::run_container(name, &image, &label_refs)
+        let id = lab_docker::run_container(name, &image, &label_refs, command)
             .await
             .with_context(|| format!("starting test container {name}"))?;
         // From here on Drop cleans up, whatever happens.

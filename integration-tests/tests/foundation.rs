@@ -261,6 +261,27 @@ async fn agent_sigkill_mid_fault_then_restart_reverts_from_the_journal() {
         "the fault is journaled"
     );
 
+    // The coordinator aborts the run: the agent holding its fault is gone.
+    let aborted = eventually(Duration::from_secs(30), "run aborted", || async {
+        let run = latest_run(&cluster).await.ok()?;
+        (run["state"] != "running").then_some(run)
+    })
+    .await
+    .unwrap();
+    assert_eq!(aborted["state"], "aborted", "{aborted}");
+    assert!(
+        aborted["reason"]
+            .as_str()
+            .unwrap()
+            .contains("agent agent-2 lost contact with the coordinator"),
+        "{aborted}"
+    );
+    assert_eq!(
+        target.state().await.unwrap(),
+        "paused",
+        "nobody could revert it yet"
+    );
+
     let restarted = cluster.spawn_agent("agent-2").unwrap();
     cluster.agents[index] = restarted;
     target
@@ -272,26 +293,26 @@ async fn agent_sigkill_mid_fault_then_restart_reverts_from_the_journal() {
         0,
         "journal emptied after revert"
     );
-    // The recovery revert is reported to the coordinator and lands in the run's timeline.
-    let run = eventually(
+    // The recovery revert is reported to the coordinator and lands in the ended run's
+    // timeline.
+    let reverted = eventually(
         Duration::from_secs(30),
-        "run ends after recovery",
+        "the recovery revert in the timeline",
         || async {
             let run = latest_run(&cluster).await.ok()?;
-            (run["state"] != "running").then_some(run)
+            event(&events_of(&run), "fault-reverted").cloned()
         },
     )
     .await
     .unwrap();
-    let events = events_of(&run);
-    let reverted = event(&events, "fault-reverted").unwrap_or_else(|| panic!("{run}"));
     assert!(
         reverted["message"]
             .as_str()
             .unwrap()
-            .contains("journal-recovery"),
+            .contains("reverted after the run ended (journal-recovery)"),
         "{reverted}"
     );
+    assert_eq!(reverted["agent"], "agent-2", "{reverted}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,10 @@
 //! real container. The received spans must form one trace: `faultline.run` → `faultline.stage`
 //! → `faultline.fault` → `faultline.fault.active`, and the agent's `faultline.agent.apply` /
 //! `faultline.agent.revert` as children of the fault span through the traceparent carried in
-//! the signed command. Then the receiver is killed and a second run must end exactly as well.
+//! the signed command; under each `faultline.steady_state.check`, one `faultline.probe.check`
+//! per probe with its statistics. The registry's metrics arrive over OTLP too (MetricsService),
+//! from both processes, with the run's values. Then the receiver is killed: a second run must
+//! end exactly as well, and the lost spans and failed metric exports are counted on /metrics.
 //!
 //! One test function on purpose: the exporter is configured through the environment, which
 //! the cluster's processes inherit from this (single-test) process.
@@ -30,7 +33,8 @@ async fn a_run_is_one_trace_with_agent_spans_and_a_dead_collector_changes_nothin
     ensure_python_deps().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("spans.jsonl");
-    let (mut receiver, addr) = start_receiver(&out, false).await;
+    let metrics_out = dir.path().join("metrics.jsonl");
+    let (mut receiver, addr) = start_receiver(&out, &metrics_out, false).await;
     // SAFETY: this binary has this one test, which sets the variables before any other
     // thread of its own reads the environment; the cluster's processes inherit them.
     unsafe {
@@ -38,6 +42,8 @@ async fn a_run_is_one_trace_with_agent_spans_and_a_dead_collector_changes_nothin
         std::env::set_var("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
         std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "200");
         std::env::set_var("OTEL_EXPORTER_OTLP_TIMEOUT", "2000");
+        std::env::set_var("OTEL_METRIC_EXPORT_INTERVAL", "500");
+        std::env::set_var("FAULTLINE_METRICS_LISTEN", "127.0.0.1:0");
         std::env::remove_var("OTEL_SERVICE_NAME");
     }
     let cluster = Cluster::start(&["agent-1"]).await.unwrap();
@@ -89,6 +95,8 @@ async fn a_run_is_one_trace_with_agent_spans_and_a_dead_collector_changes_nothin
         format!("Traced pause of {}", target.name)
     );
     assert_eq!(attrs["faultline.run.state"], "completed");
+    // Steady before and after, completed: the hypothesis is confirmed (as the report says).
+    assert_eq!(attrs["faultline.run.verdict"], "confirmed", "{attrs:#}");
 
     let checks = by_name(&received, "faultline.steady_state.check");
     let phases: BTreeSet<&str> = checks
@@ -100,9 +108,45 @@ async fn a_run_is_one_trace_with_agent_spans_and_a_dead_collector_changes_nothin
         BTreeSet::from(["baseline", "recovery"]),
         "{checks:#?}"
     );
-    for check in checks {
+    for check in &checks {
         child_of(check, root);
         assert_eq!(check["attributes"]["faultline.steady"], true, "{check:#}");
+    }
+    // One probe-check span per probe (the plan has one) under each phase's check.
+    let probe_checks = eventually(Duration::from_secs(30), "probe check spans", || {
+        let out = out.clone();
+        async move {
+            let all = spans(&out);
+            let found: Vec<Value> = by_name(&all, "faultline.probe.check")
+                .into_iter()
+                .cloned()
+                .collect();
+            (found.len() >= 2).then_some(found)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(probe_checks.len(), 2, "{probe_checks:#?}");
+    for check in &checks {
+        let children: Vec<&Value> = probe_checks
+            .iter()
+            .filter(|p| p["parent_span_id"] == check["span_id"])
+            .collect();
+        assert_eq!(children.len(), 1, "one probe check under {check:#}");
+        let probe = children[0];
+        child_of(probe, check);
+        let a = &probe["attributes"];
+        assert_eq!(a["faultline.probe.name"], "alive", "{probe:#}");
+        assert_eq!(a["faultline.probe.kind"], "command", "{probe:#}");
+        assert_eq!(a["faultline.steady"], true, "{probe:#}");
+        assert_eq!(a["faultline.probe.errors"], 0, "{probe:#}");
+        assert_eq!(a["faultline.probe.error_rate"], 0.0, "{probe:#}");
+        // 1 s window, a sample every 200 ms.
+        let samples = a["faultline.probe.samples"].as_i64().unwrap();
+        assert!((2..=10).contains(&samples), "{probe:#}");
+        let p95 = a["faultline.probe.latency_p95_ms"].as_f64().unwrap();
+        assert!(p95 > 0.0 && p95 < 2_000.0, "{probe:#}");
+        assert!(a.get("faultline.probe.reason").is_none(), "{probe:#}");
     }
 
     let stage = one(&received, "faultline.stage");
@@ -163,6 +207,93 @@ async fn a_run_is_one_trace_with_agent_spans_and_a_dead_collector_changes_nothin
         .collect();
     assert_eq!(by_id.len(), received.len(), "span ids are unique");
 
+    // The same run in the metrics both processes export over OTLP (cumulative).
+    let points = eventually(Duration::from_secs(30), "run metrics over OTLP", || {
+        let metrics_out = metrics_out.clone();
+        async move {
+            let points = metric_points(&metrics_out);
+            let completed = latest_point(
+                &points,
+                "faultline_runs_total",
+                &[("state", "completed")],
+                from_coordinator,
+            )?;
+            let applied = latest_point(
+                &points,
+                "faultline_agent_applies_total",
+                &[("kind", "container-pause"), ("outcome", "applied")],
+                from_agent,
+            )?;
+            let active = latest_point(
+                &points,
+                "faultline_agent_faults_active",
+                &[("kind", "container-pause")],
+                from_agent,
+            )?;
+            (completed["value"] == 1.0 && applied["value"] == 1.0 && active["value"] == 0.0)
+                .then_some(points)
+        }
+    })
+    .await
+    .unwrap();
+    let runs = latest_point(
+        &points,
+        "faultline_runs_total",
+        &[("state", "completed")],
+        from_coordinator,
+    )
+    .unwrap();
+    assert_eq!(runs["type"], "sum", "{runs:#}");
+    assert_eq!(runs["monotonic"], true, "{runs:#}");
+    assert_eq!(runs["service"], "faultline-coordinator", "{runs:#}");
+    let connected =
+        latest_point(&points, "faultline_agents_connected", &[], from_coordinator).unwrap();
+    assert_eq!(connected["type"], "gauge");
+    assert_eq!(connected["value"], 1.0, "{connected:#}");
+    let latency = latest_point(
+        &points,
+        "faultline_command_duration_seconds",
+        &[("kind", "container-pause")],
+        from_coordinator,
+    )
+    .unwrap();
+    assert_eq!(latency["type"], "histogram", "{latency:#}");
+    assert_eq!(latency["unit"], "s");
+    assert_eq!(latency["count"], 1, "{latency:#}");
+    let took = latency["sum"].as_f64().unwrap();
+    assert!(took > 0.0 && took < 20.0, "{latency:#}");
+    assert_eq!(
+        latency["bounds"].as_array().unwrap().len(),
+        11,
+        "{latency:#}"
+    );
+    let agent_side = latest_point(
+        &points,
+        "faultline_agent_applies_total",
+        &[("kind", "container-pause"), ("outcome", "applied")],
+        from_agent,
+    )
+    .unwrap();
+    assert_eq!(agent_side["service"], "faultline-agent");
+    assert_eq!(agent_side["resource"]["faultline.agent"], "agent-1");
+    // The exporters count themselves: spans went out, none were lost.
+    let exported = latest_point(
+        &points,
+        "faultline_otel_spans_exported_total",
+        &[],
+        from_coordinator,
+    )
+    .unwrap();
+    assert!(exported["value"].as_f64().unwrap() >= 1.0, "{exported:#}");
+    let dropped = latest_point(
+        &points,
+        "faultline_otel_spans_dropped_total",
+        &[],
+        from_agent,
+    )
+    .unwrap();
+    assert_eq!(dropped["value"], 0.0, "{dropped:#}");
+
     // A halted run: its span says so and carries a `faultline.halt` event.
     let long = cluster
         .write_plan(
@@ -207,6 +338,10 @@ async fn a_run_is_one_trace_with_agent_spans_and_a_dead_collector_changes_nothin
             .any(|e| e == "faultline.halt"),
         "{halted:#}"
     );
+    assert_eq!(
+        halted["attributes"]["faultline.run.verdict"], "not evaluated (no hypothesis probes)",
+        "a halted run is not judged: {halted:#}"
+    );
     let out = cluster.cli(&["halt", "--release"]).await.unwrap();
     assert!(
         out.status.success(),
@@ -228,4 +363,20 @@ async fn a_run_is_one_trace_with_agent_spans_and_a_dead_collector_changes_nothin
         "a dead collector must not slow the run down: {took:?}"
     );
     assert_eq!(target.state().await.unwrap(), "running");
+    // ... and what the dead collector cost is counted where Prometheus sees it.
+    let coordinator_metrics = metrics_addr(&cluster.db.with_extension("log")).unwrap();
+    eventually(Duration::from_secs(30), "export losses counted", || {
+        let addr = coordinator_metrics.clone();
+        async move {
+            let dropped = scrape_value(&addr, "faultline_otel_spans_dropped_total").await?;
+            let failed = scrape_value(
+                &addr,
+                "faultline_otel_metric_exports_total{outcome=\"failed\"}",
+            )
+            .await?;
+            (dropped >= 1.0 && failed >= 1.0).then_some(())
+        }
+    })
+    .await
+    .unwrap();
 }

@@ -1,12 +1,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns may unwrap
 
 //! Prometheus metrics end to end: the real coordinator and agent with `/metrics` on ephemeral
-//! loopback ports, a real Prometheus (Debian package `prometheus`) scraping both every second,
-//! a plan pausing a real container; then Prometheus's HTTP API must return the expected series
-//! with sane values. Skipped, loudly, only when the `prometheus` binary is missing.
+//! loopback ports, a real Prometheus (Debian package `prometheus`) scraping both every second
+//! (the coordinator over HTTPS, `--metrics-tls`, verified with the fleet CA and a host name of
+//! its certificate), a plan pausing a real container; then Prometheus's HTTP API must return
+//! the expected series with sane values, telemetry and BPF-status series included. Skipped,
+//! loudly, only when the `prometheus` binary is missing.
 //!
 //! One test function on purpose: the metrics port is configured through the environment
-//! (`FAULTLINE_METRICS_LISTEN=127.0.0.1:0`), which the cluster's processes inherit.
+//! (`FAULTLINE_METRICS_LISTEN=127.0.0.1:0`, `FAULTLINE_METRICS_TLS`), which the cluster's
+//! processes inherit.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -30,11 +33,11 @@ fn find_prometheus() -> Option<std::path::PathBuf> {
         .find(|p| p.exists())
 }
 
-/// The address a process logged as `metrics listening on http://ADDR/metrics`.
+/// The address a process logged as `metrics listening on http(s)://ADDR/metrics`.
 fn metrics_addr(log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
-    let at = text.find("metrics listening on http://")?;
-    let rest = &text[at + "metrics listening on http://".len()..];
+    let at = text.find("metrics listening on http")?;
+    let rest = text[at..].split("://").nth(1)?;
     Some(rest.split("/metrics").next()?.to_string())
 }
 
@@ -111,14 +114,45 @@ async fn prometheus_scrapes_coordinator_and_agent_and_sees_the_run() {
         );
         return;
     };
-    // SAFETY: this binary has this one test, which sets the variable before any other
-    // thread of its own reads the environment; the cluster's processes inherit it.
+    // SAFETY: this binary has this one test, which sets the variables before any other
+    // thread of its own reads the environment; the cluster's processes inherit them.
     unsafe {
         std::env::set_var("FAULTLINE_METRICS_LISTEN", "127.0.0.1:0");
+        std::env::set_var("FAULTLINE_METRICS_TLS", "true");
     }
-    let cluster = Cluster::start(&["agent-1"]).await.unwrap();
+    let mut cluster = Cluster::start(&["agent-1"]).await.unwrap();
     let coordinator_log = cluster.db.with_extension("log");
     let agent_log = cluster.dir.path().join("agent-agent-1.log");
+    // An agent's certificate is for client use only: asked for HTTPS, the agent says so and
+    // serves no metrics (never in the clear instead) -- and keeps working.
+    let refused = eventually(
+        Duration::from_secs(10),
+        "agent --metrics-tls refusal",
+        || {
+            let log = agent_log.clone();
+            async move {
+                let text = std::fs::read_to_string(&log).ok()?;
+                text.contains("--metrics-tls: metrics listener not started")
+                    .then_some(text)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(refused.contains("client-only certificate"), "{refused}");
+    assert!(!refused.contains("metrics listening on"), "{refused}");
+    // The agent again, plain HTTP (before Prometheus starts: no dip in agents_connected).
+    // SAFETY: as above; no other thread of this test reads the environment now.
+    unsafe {
+        std::env::remove_var("FAULTLINE_METRICS_TLS");
+    }
+    cluster.agents[0].terminate(Duration::from_secs(10)).await;
+    let agent = cluster.spawn_agent("agent-1").unwrap();
+    cluster.agents[0] = agent;
+    cluster
+        .wait_connected(&["agent-1"], Duration::from_secs(20))
+        .await
+        .unwrap();
     let coordinator_metrics = eventually(Duration::from_secs(10), "coordinator metrics", || {
         let log = coordinator_log.clone();
         async move { metrics_addr(&log) }
@@ -131,10 +165,24 @@ async fn prometheus_scrapes_coordinator_and_agent_and_sees_the_run() {
     })
     .await
     .unwrap();
-    // The endpoint itself: the text format with HELP/TYPE lines.
-    let text = http_get(&coordinator_metrics, "/metrics").await.unwrap();
     assert!(
-        text.contains("# TYPE faultline_agents_connected gauge\nfaultline_agents_connected 1\n"),
+        std::fs::read_to_string(&coordinator_log)
+            .unwrap()
+            .contains(&format!(
+                "metrics listening on https://{coordinator_metrics}/metrics"
+            )),
+        "the coordinator serves its metrics over HTTPS"
+    );
+    // Nothing in the clear on the HTTPS port.
+    assert!(http_get(&coordinator_metrics, "/metrics").await.is_err());
+    // The agent's endpoint itself: the text format with HELP/TYPE lines.
+    let text = http_get(&agent_metrics, "/metrics").await.unwrap();
+    assert!(
+        text.contains("# TYPE faultline_agent_bpf_status gauge\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("faultline_agent_telemetry_drops_total{kind=\"batches\"} 0\n"),
         "{text}"
     );
 
@@ -148,15 +196,23 @@ async fn prometheus_scrapes_coordinator_and_agent_and_sees_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("prometheus.yml");
     let rules = deploy().join("prometheus/alerts.yml");
+    let ca = cluster.certs.join("ca.pem");
+    // The coordinator over HTTPS, verified with the fleet CA and a host name of its
+    // certificate; a job expecting another name must fail (the verification is real).
     std::fs::write(
         &config,
         format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             rule_files: ['{}']\n\
-             scrape_configs:\n  - job_name: faultline-coordinator\n    static_configs:\n      \
+             rule_files: ['{rules}']\n\
+             scrape_configs:\n  - job_name: faultline-coordinator\n    scheme: https\n    \
+             tls_config: {{ ca_file: '{ca}', server_name: localhost }}\n    static_configs:\n      \
              - targets: ['{coordinator_metrics}']\n  - job_name: faultline-agent\n    \
-             static_configs:\n      - targets: ['{agent_metrics}']\n",
-            rules.display()
+             static_configs:\n      - targets: ['{agent_metrics}']\n  \
+             - job_name: wrong-server-name\n    scheme: https\n    \
+             tls_config: {{ ca_file: '{ca}', server_name: not-the-coordinator }}\n    \
+             static_configs:\n      - targets: ['{coordinator_metrics}']\n",
+            rules = rules.display(),
+            ca = ca.display(),
         ),
     )
     .unwrap();
@@ -182,14 +238,28 @@ async fn prometheus_scrapes_coordinator_and_agent_and_sees_the_run() {
             let prom = prom.clone();
             async move {
                 let up = query(&prom, "up").await;
-                (up.len() == 2 && up.iter().all(|(_, v)| *v == 1.0)).then_some(())
+                let job = |labels: &Value| labels["job"].as_str().unwrap_or_default().to_string();
+                let up_of = |name: &str| up.iter().find(|(l, _)| job(l) == name).map(|(_, v)| *v);
+                (up.len() == 3
+                    && up_of("faultline-coordinator") == Some(1.0)
+                    && up_of("faultline-agent") == Some(1.0)
+                    && up_of("wrong-server-name") == Some(0.0))
+                .then_some(())
             }
         },
     )
     .await
     .unwrap_or_else(|err| panic!("{err}\n{}", log_text()));
 
-    let target = TestContainer::start("prom-db").await.unwrap();
+    // Its own shell execs a program five times a second, so the agent has exec events to count
+    // whenever the run watches it. (Not `docker exec` from outside: an exec into a container
+    // that the fault pauses hangs in Docker 20.10 and wedges the container's removal.)
+    let target = TestContainer::start_with_command(
+        "prom-db",
+        &["/bin/sh", "-c", "while :; do /bin/sleep 0.2; done"],
+    )
+    .await
+    .unwrap();
     let plan = cluster
         .write_plan(
             "pause.yaml",
@@ -199,6 +269,7 @@ title: Scraped pause
 lease: 3s
 stages:
   - name: pause
+    after: 3s
     faults:
       - kind: container-pause
         agent: agent-1
@@ -221,7 +292,7 @@ stages:
         })
     };
     // While the fault is in force, both sides report it active.
-    eventually(
+    if let Err(err) = eventually(
         Duration::from_secs(20),
         "active fault seen by Prometheus",
         || {
@@ -240,7 +311,15 @@ stages:
         },
     )
     .await
-    .unwrap();
+    {
+        // Say what the run did, not only that the window was missed.
+        let out = run.await.unwrap().unwrap();
+        panic!(
+            "{err}\nrun stdout:\n{}\nrun stderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let out = run.await.unwrap().unwrap();
     assert!(
         out.status.success(),
@@ -318,6 +397,85 @@ stages:
             "{histogram}: one apply took {sum} s"
         );
     }
+    // Telemetry: the run's batches went from the agent to the coordinator, none lost.
+    eventually(Duration::from_secs(20), "telemetry batches counted", || {
+        let prom = prom.clone();
+        async move {
+            let received = scalar(
+                &prom,
+                "faultline_telemetry_batches_received_total{agent=\"agent-1\"}",
+            )
+            .await?;
+            let sent = scalar(&prom, "faultline_agent_telemetry_batches_total").await?;
+            (received >= 3.0 && sent >= received).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        scalar(
+            &prom,
+            "faultline_telemetry_batches_lost_total{agent=\"agent-1\"}"
+        )
+        .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        scalar(
+            &prom,
+            "faultline_agent_telemetry_drops_total{kind=\"batches\"}"
+        )
+        .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        query(&prom, "faultline_agent_telemetry_drops_total")
+            .await
+            .len(),
+        4
+    );
+    assert_eq!(
+        query(&prom, "faultline_agent_telemetry_events_total")
+            .await
+            .len(),
+        5
+    );
+    // Each telemetry group is collected by exactly one mechanism.
+    let status = query(&prom, "sum by (group) (faultline_agent_bpf_status)").await;
+    let groups: Vec<&str> = status
+        .iter()
+        .map(|(labels, _)| labels["group"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(status.len(), 5, "{status:?}");
+    for group in ["tcp", "sched", "oom", "proc", "block"] {
+        assert!(groups.contains(&group), "{status:?}");
+    }
+    assert!(status.iter().all(|(_, v)| *v == 1.0), "{status:?}");
+    // Where process events come from eBPF, the target's execs during the run were seen.
+    if scalar(
+        &prom,
+        "faultline_agent_bpf_status{group=\"proc\",mechanism=\"bpf\"}",
+    )
+    .await
+        == Some(1.0)
+    {
+        eventually(Duration::from_secs(15), "exec events counted", || {
+            let prom = prom.clone();
+            async move {
+                let execs = scalar(
+                    &prom,
+                    "faultline_agent_telemetry_events_total{kind=\"exec\"}",
+                )
+                .await?;
+                (execs >= 1.0).then_some(())
+            }
+        })
+        .await
+        .unwrap();
+    } else {
+        eprintln!("process telemetry is not eBPF on this host: exec events not checked");
+    }
+
     let jobs: Vec<String> = query(&prom, "faultline_agent_applies_total")
         .await
         .into_iter()

@@ -13,97 +13,14 @@
 //! while the partition was in force; connections established before and after it; the time
 //! from the partition to the first failure; and the container's bash killed by SIGKILL.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use faultline_integration_tests::cluster::Cluster;
 use faultline_integration_tests::docker::{TEST_LABEL, TestContainer, docker, unique_name};
+use faultline_integration_tests::netclient::{
+    accepting_service, bridge_gateway, connects_again, outcomes, start_client,
+};
 use serde_json::Value;
-use tokio::net::TcpListener;
-
-/// The client image: bash (for `/dev/tcp`) and sleep. Bump when the content changes.
-const CLIENT_IMAGE: &str = "faultline-test-bash:1";
-
-async fn client_image() -> String {
-    faultline_lab::image::ensure_image(
-        CLIENT_IMAGE,
-        &["/bin/bash", "/bin/sleep"],
-        &["/bin/bash"],
-        &[TEST_LABEL],
-    )
-    .await
-    .unwrap()
-}
-
-/// The Docker bridge's gateway: this host, as the containers on the bridge reach it.
-async fn bridge_gateway() -> String {
-    let gateway = docker(&[
-        "network",
-        "inspect",
-        "bridge",
-        "--format",
-        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
-    ])
-    .await
-    .unwrap();
-    if !gateway.trim().is_empty() {
-        return gateway.trim().to_string();
-    }
-    // Older engines leave the gateway out of the IPAM config: docker0's address.
-    let out = std::process::Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "docker0"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|cidr| cidr.split('/').next())
-        .expect("docker0 has an IPv4 address")
-        .to_string()
-}
-
-/// A container on the bridge connecting to `gateway:port` every 200 ms, printing the outcome.
-async fn start_client(gateway: &str, port: u16) -> TestContainer {
-    let image = client_image().await;
-    let name = unique_name("fl-telemetry");
-    let script = format!(
-        "while :; do if : <>/dev/tcp/{gateway}/{port}; then echo ok; else echo fail; fi; \
-         /bin/sleep 0.2; done 2>/dev/null"
-    );
-    let id = docker(&[
-        "run",
-        "--detach",
-        "--name",
-        &name,
-        "--label",
-        TEST_LABEL,
-        "--network",
-        "bridge",
-        &image,
-        "/bin/bash",
-        "-c",
-        &script,
-    ])
-    .await
-    .unwrap();
-    let container = TestContainer { name, id };
-    container
-        .wait_for_state("running", Duration::from_secs(20))
-        .await
-        .unwrap();
-    container
-}
-
-/// The container's own count of outcomes (`ok`, `fail`).
-async fn outcomes(container: &TestContainer) -> BTreeMap<String, u64> {
-    let logs = docker(&["logs", &container.id]).await.unwrap();
-    let mut counts = BTreeMap::new();
-    for line in logs.lines() {
-        *counts.entry(line.trim().to_string()).or_default() += 1;
-    }
-    counts
-}
 
 fn plan(container: &str, gateway: &str, port: u16) -> String {
     format!(
@@ -133,22 +50,10 @@ stages:
     )
 }
 
-/// Starts the plan at `path` and follows its telemetry live (`faultline telemetry RUN
+/// Starts the plan and follows its telemetry live (`faultline telemetry RUN
 /// --follow`) to its end; returns the run id and what the follower printed.
-async fn run_following_telemetry(cluster: &Cluster, path: &str) -> (String, String) {
-    let out = cluster.cli(&["run", path]).await.unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // "run <ID> started: <title>"
-    let run_id = stdout
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or_else(|| panic!("no run id in {stdout:?}"))
-        .to_string();
+async fn run_following_telemetry(cluster: &Cluster, name: &str, yaml: &str) -> (String, String) {
+    let run_id = cluster.start_run(name, yaml).await.unwrap();
     let out = cluster
         .cli(&["telemetry", &run_id, "--follow"])
         .await
@@ -206,17 +111,11 @@ async fn report_when_complete(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_runs_report_has_kernel_evidence_attributed_to_the_container() {
     let cluster = Cluster::start(&["agent-1"]).await.unwrap();
-    let gateway = bridge_gateway().await;
-    let listener = TcpListener::bind((gateway.as_str(), 0)).await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let service = tokio::spawn(async move {
-        loop {
-            if let Ok((stream, _)) = listener.accept().await {
-                drop(stream);
-            }
-        }
-    });
-    let client = start_client(&gateway, port).await;
+    let gateway = bridge_gateway().await.unwrap();
+    let (port, service) = accepting_service(&gateway).await.unwrap();
+    let client = start_client("fl-telemetry", &gateway, port, &[])
+        .await
+        .unwrap();
 
     // Pre-flight shows how each telemetry group is collected on this host.
     let preflight = cluster
@@ -234,10 +133,8 @@ async fn a_partition_runs_report_has_kernel_evidence_attributed_to_the_container
         "this project's kernels load the programs: {tcp}"
     );
 
-    let path = cluster
-        .write_plan("partition.yaml", &plan(&client.name, &gateway, port))
-        .unwrap();
-    let (run_id, followed) = run_following_telemetry(&cluster, path.to_str().unwrap()).await;
+    let yaml = plan(&client.name, &gateway, port);
+    let (run_id, followed) = run_following_telemetry(&cluster, "partition.yaml", &yaml).await;
     // Followed live: one line per second, the failures as they happened, then the totals.
     assert!(followed.starts_with("time "), "{followed}");
     assert!(followed.contains("ECONNREFUSED x"), "{followed}");
@@ -246,14 +143,14 @@ async fn a_partition_runs_report_has_kernel_evidence_attributed_to_the_container
         "{followed}"
     );
     // What the container saw: its failures all came during the partition, long over now.
-    let seen = outcomes(&client).await;
+    let seen = outcomes(&client).await.unwrap();
     let failures_seen = seen.get("fail").copied().unwrap_or(0);
     assert!(
         failures_seen >= 5,
         "the partition made connects fail: {seen:?}"
     );
     let report = report_when_complete(&cluster, &run_id, &client.name, failures_seen).await;
-    let seen = outcomes(&client).await;
+    let seen = outcomes(&client).await.unwrap();
     service.abort();
 
     let t = &report["telemetry"];
@@ -510,4 +407,200 @@ async fn only_agents_may_stream_telemetry_and_only_for_their_runs() {
     let ack = acks.message().await.unwrap().unwrap();
     assert!(ack.stop, "{ack:?}");
     assert!(ack.reason.contains("no run no-such-run"), "{ack:?}");
+}
+
+/// The first event of `kind` (of `stage`, when given).
+fn event<'a>(run: &'a Value, kind: &str, stage: Option<&str>) -> Option<&'a Value> {
+    run["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == kind && stage.is_none_or(|s| e["stage"] == s))
+}
+
+fn at(event: &Value) -> i64 {
+    event["at_unix_ms"].as_i64().unwrap()
+}
+
+/// A stop condition on the kernel's count of failed connects (no probe at all): the run is
+/// aborted within seconds of the partition, long before its 60 s, with the figure that fired,
+/// the partition is reverted, and the first connect failure is in the timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_telemetry_stop_condition_aborts_a_partition_and_reverts_it() {
+    let cluster = Cluster::start(&["agent-1"]).await.unwrap();
+    let gateway = bridge_gateway().await.unwrap();
+    let (port, service) = accepting_service(&gateway).await.unwrap();
+    let client = start_client("fl-telemetry", &gateway, port, &[])
+        .await
+        .unwrap();
+    let name = &client.name;
+    // Five attempts a second, all refused once cut: about 5/s against a limit of 2/s. Before
+    // the cut (the stage's 3 s delay) the rate is 0, so the condition must not fire early.
+    let yaml = format!(
+        "apiVersion: faultline/v1
+title: Stop a partition on the kernel's evidence
+lease: 10s
+stop_conditions:
+  - {{ telemetry: \"tcp_connect_failures_per_s{{target={name}}} > 2\", window: 3s }}
+stages:
+  - name: cut
+    after: 3s
+    faults:
+      - kind: partition
+        agent: agent-1
+        target: {{ container: {name} }}
+        mode: reject
+        scope: {{ peers: [\"{gateway}/32\"], ports: [{port}], protocol: tcp, direction: egress }}
+        duration: 60s
+"
+    );
+    let run_id = cluster
+        .start_run("telemetry-stop.yaml", &yaml)
+        .await
+        .unwrap();
+    let run = cluster
+        .finished(&run_id, Duration::from_secs(45))
+        .await
+        .unwrap();
+    assert_eq!(run["state"], "aborted", "{run:#}");
+    let reason = run["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "stop condition on telemetry: tcp_connect_failures_per_s{{target={name}}}"
+        )),
+        "{reason}"
+    );
+    assert!(reason.contains("> 2/s over the last 3s"), "{reason}");
+    assert!(
+        reason.contains("1 fault(s) of the run reverted"),
+        "{reason}"
+    );
+    let applied = event(&run, "fault-applied", Some("cut")).expect("fault-applied");
+    let stopped = event(&run, "stop-condition", None).expect("stop-condition");
+    // Not before the partition (the baseline had no failures), and within a few seconds of it.
+    let after = at(stopped) - at(applied);
+    assert!(
+        (0..8_000).contains(&after),
+        "stop condition {after} ms after the partition: {run:#}"
+    );
+    // The figure that fired is what the container itself saw: about 5 failures a second.
+    let message = stopped["message"].as_str().unwrap();
+    let figure: f64 = message
+        .split(&format!("tcp_connect_failures_per_s{{target={name}}} "))
+        .nth(1)
+        .and_then(|rest| rest.split("/s").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no figure in {message:?}"));
+    assert!((2.0..=6.0).contains(&figure), "{message}");
+    // The kernel's first connect failure is in the timeline (and, as a span event, in the trace).
+    let first = event(&run, "telemetry-event", None).expect("telemetry-event");
+    let text = first["message"].as_str().unwrap();
+    assert!(
+        text.contains("first connect failure on agent-1: ECONNREFUSED")
+            && text.contains(name)
+            && text.contains(&format!("{gateway}:{port}")),
+        "{text}"
+    );
+    // Reverted: the container connects again.
+    assert!(
+        connects_again(&client, 5).await,
+        "the partition was not reverted: {:?}",
+        outcomes(&client).await.unwrap()
+    );
+    service.abort();
+}
+
+/// A stage waits for kernel evidence: the second wave starts only once the first wave's
+/// partition shows in the connect failures; a third stage waiting for an OOM kill that never
+/// comes times out and aborts the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_waits_for_telemetry_evidence_before_it_starts() {
+    let cluster = Cluster::start(&["agent-1"]).await.unwrap();
+    let gateway = bridge_gateway().await.unwrap();
+    let (port, service) = accepting_service(&gateway).await.unwrap();
+    let client = start_client("fl-telemetry", &gateway, port, &[])
+        .await
+        .unwrap();
+    let bystander = TestContainer::start("fl-telemetry-by").await.unwrap();
+    let (name, other) = (&client.name, &bystander.name);
+    let yaml = format!(
+        "apiVersion: faultline/v1
+title: Escalate on kernel evidence
+lease: 10s
+stages:
+  - name: cut
+    after: 2s
+    faults:
+      - kind: partition
+        agent: agent-1
+        target: {{ container: {name} }}
+        mode: reject
+        scope: {{ peers: [\"{gateway}/32\"], ports: [{port}], protocol: tcp, direction: egress }}
+        duration: 8s
+  - name: wave
+    overlap: true
+    when:
+      telemetry: \"tcp_connect_failures_per_s{{target={name},agent=agent-1}} > 2\"
+      window: 2s
+      timeout: 20s
+    faults:
+      - {{ kind: container-pause, agent: agent-1, target: {{ container: {other} }}, duration: 1s }}
+  - name: never
+    when: {{ telemetry: \"oom_kills{{target={name}}} > 0\", window: 2s, timeout: 2s }}
+    faults:
+      - {{ kind: container-pause, agent: agent-1, target: {{ container: {other} }}, duration: 1s }}
+"
+    );
+    let run_id = cluster
+        .start_run("telemetry-when.yaml", &yaml)
+        .await
+        .unwrap();
+    let run = cluster
+        .finished(&run_id, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    let cut = event(&run, "fault-applied", Some("cut")).expect("the partition applied");
+    let waiting = event(&run, "stage-waiting", Some("wave")).expect("stage-waiting");
+    assert!(
+        waiting["message"].as_str().unwrap().contains(&format!(
+            "until tcp_connect_failures_per_s{{target={name},agent=agent-1}} > 2/s"
+        )),
+        "{waiting}"
+    );
+    let triggered = event(&run, "stage-triggered", Some("wave")).expect("stage-triggered");
+    let message = triggered["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "condition held: tcp_connect_failures_per_s{{target={name},agent=agent-1}} "
+        )),
+        "{message}"
+    );
+    // It held only once the partition made connects fail, and soon after.
+    let after = at(triggered) - at(cut);
+    assert!(
+        (0..6_000).contains(&after),
+        "triggered {after} ms after the cut: {run:#}"
+    );
+    let wave = event(&run, "fault-applied", Some("wave")).expect("the second wave applied");
+    assert!(at(wave) >= at(triggered));
+    // The third stage waited for an OOM kill that never came.
+    assert_eq!(run["state"], "aborted", "{run:#}");
+    let reason = run["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("stage never: `when` did not hold within 2s")
+            && reason.contains(&format!("oom_kills{{target={name}}} > 0")),
+        "{reason}"
+    );
+    assert!(
+        event(&run, "fault-applied", Some("never")).is_none(),
+        "{run:#}"
+    );
+    assert_eq!(bystander.state().await.unwrap(), "running");
+    assert!(
+        connects_again(&client, 5).await,
+        "{:?}",
+        outcomes(&client).await.unwrap()
+    );
+    service.abort();
 }

@@ -83,15 +83,39 @@ pub async fn container_exists(id_or_name: &str) -> Result<bool, LabError> {
     }
 }
 
-/// Starts a detached container `name` from `image` (its default command) with no network and the given
-/// `key=value` labels, and returns its id. A container left half-created by a failed
+/// The value of label `key` on the container or network (`kind`) `name`: `None` when there is
+/// no such object, `Some("")` when it exists without that label.
+pub async fn label_of(kind: &str, name: &str, key: &str) -> Result<Option<String>, LabError> {
+    let format = format!("{{{{index .Labels {key:?}}}}}");
+    let format = if kind == "container" {
+        // Containers keep their labels in their config.
+        format.replace(".Labels", ".Config.Labels")
+    } else {
+        format
+    };
+    match run(&[kind, "inspect", "--format", &format, name]).await {
+        // A missing key prints Go's zero value, or `<no value>` for a nil map.
+        Ok(value) => Ok(Some(value.replace("<no value>", "").trim().to_string())),
+        Err(LabError::CommandFailed { stderr, .. }) if is_missing(&stderr) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Starts a detached container `name` from `image` with no network and the given `key=value`
+/// labels, running `command` (empty: the image's default command), and returns its id. A container left half-created by a failed
 /// `docker run` is removed again.
-pub async fn run_container(name: &str, image: &str, labels: &[&str]) -> Result<String, LabError> {
+pub async fn run_container(
+    name: &str,
+    image: &str,
+    labels: &[&str],
+    command: &[&str],
+) -> Result<String, LabError> {
     let mut args = vec!["run", "--detach", "--network", "none", "--name", name];
     for label in labels {
         args.extend(["--label", label]);
     }
     args.push(image);
+    args.extend(command);
     match run(&args).await {
         Ok(id) => Ok(id),
         Err(err) => {
@@ -151,6 +175,9 @@ fn is_missing(stderr: &str) -> bool {
     stderr.contains("No such container")
         || stderr.contains("No such image")
         || stderr.contains("No such object")
+        || stderr.contains("No such network")
+        // `docker network inspect` of an unknown network.
+        || (stderr.contains("network ") && stderr.ends_with(" not found"))
 }
 
 /// Blocking variant of [`run`] for `Drop`. A helper thread collects the output (so a full

@@ -95,6 +95,32 @@ pub enum LabError {
         /// How long.
         after: Duration,
     },
+    /// Docker objects with the lab's names exist but are not the lab's (not labelled): the lab
+    /// would have to remove someone else's containers, so it touches nothing.
+    #[error(
+        "{what} already exist(s) on this Docker Engine but not labelled faultline.lab=1, so \
+         they are not the lab's; nothing was changed. Rename or remove them (docker rm -f \
+         NAME), then run `faultline lab up` again"
+    )]
+    Conflict {
+        /// The objects, e.g. `container postgres, container redis`.
+        what: String,
+    },
+    /// A service of the demo stack did not become healthy in time.
+    #[error(
+        "demo stack service {service} is not up after {after:?}: {detail}\n\
+         last log lines of container {service}:\n{logs}"
+    )]
+    Unhealthy {
+        /// The service (also its container name).
+        service: String,
+        /// What its last check saw.
+        detail: String,
+        /// How long it was waited for.
+        after: Duration,
+        /// The container's last log lines.
+        logs: String,
+    },
 }
 
 impl LabError {

@@ -388,10 +388,22 @@ pub fn processes_using(work_dir: &Path) -> Vec<(u32, String)> {
 /// Creates the certificate directory for `agents` if it has no CA yet, or issues certificates
 /// for agents that are new to an existing one.
 pub fn ensure_certs(certs: &Path, agents: &[String]) -> Result<Certs, LabError> {
+    let hosts = faultline_tls::pki::InitOptions::new(certs).coordinator_hosts;
+    ensure_certs_for(certs, agents, &hosts)
+}
+
+/// As [`ensure_certs`], with the coordinator certificate made for `coordinator_hosts` (DNS
+/// names or IP addresses) when the directory is new.
+pub fn ensure_certs_for(
+    certs: &Path,
+    agents: &[String],
+    coordinator_hosts: &[String],
+) -> Result<Certs, LabError> {
     let dir = CertDir::new(certs);
     if !dir.ca_cert().exists() {
         let mut options = faultline_tls::pki::InitOptions::new(certs);
         options.agents = agents.to_vec();
+        options.coordinator_hosts = coordinator_hosts.to_vec();
         faultline_tls::pki::init(&options).map_err(|source| LabError::Tls {
             action: format!("creating certificates in {}", certs.display()),
             source,

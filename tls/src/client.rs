@@ -47,6 +47,51 @@ const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// permission error from the coordinator. Must be called inside a Tokio runtime (tonic spawns
 /// the channel's worker task); nothing is dialled until the first request.
 pub fn channel(url: &str, dir: &CertDir, role: Role, name: &str) -> Result<Channel, TlsError> {
+    let identity = client_identity(dir, role, name)?;
+    Ok(endpoint(url, &dir.ca_cert(), Some(identity))?.connect_lazy())
+}
+
+/// A connected channel to the first of several coordinator replicas, tried in order, that
+/// accepts a connection (TCP and TLS), and its URL. Standby replicas do not listen, so they
+/// refuse at once and the active one is found in one pass. One URL behaves like [`channel`]
+/// except that it connects now, so an unreachable coordinator is reported here.
+pub async fn first_reachable(
+    urls: &[String],
+    dir: &CertDir,
+    role: Role,
+    name: &str,
+) -> Result<(String, Channel), TlsError> {
+    let identity = client_identity(dir, role, name)?;
+    let mut tried = Vec::new();
+    for url in urls {
+        let endpoint = endpoint(url, &dir.ca_cert(), Some(identity.clone()))?;
+        match endpoint.connect().await {
+            Ok(channel) => return Ok((url.clone(), channel)),
+            Err(err) => tried.push(format!("{url}: {}", error_chain(&err))),
+        }
+    }
+    Err(TlsError::NoCoordinator {
+        tried: if tried.is_empty() {
+            "no coordinator URL given".to_string()
+        } else {
+            tried.join("; ")
+        },
+    })
+}
+
+/// An error with its sources, `: `-joined (tonic's own message is just "transport error").
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+/// The identity of `role`/`name` from `dir`, checked to be the one asked for.
+fn client_identity(dir: &CertDir, role: Role, name: &str) -> Result<Identity, TlsError> {
     let (cert_path, key_path) = dir.identity_files(role, name);
     let found = cert_file_identity(&cert_path)?;
     if found.role != role || (role == Role::Agent && found.name != name) {
@@ -70,20 +115,16 @@ pub fn channel(url: &str, dir: &CertDir, role: Role, name: &str) -> Result<Chann
         path: key_path.clone(),
         source,
     })?;
-    build(
-        url,
-        &dir.ca_cert(),
-        Some(Identity::from_pem(cert_pem, key_pem)),
-    )
+    Ok(Identity::from_pem(cert_pem, key_pem))
 }
 
 /// Same, but presents no client certificate at all (used by tests that prove the server
 /// refuses such clients).
 pub fn channel_without_identity(url: &str, ca_pem_path: &Path) -> Result<Channel, TlsError> {
-    build(url, ca_pem_path, None)
+    Ok(endpoint(url, ca_pem_path, None)?.connect_lazy())
 }
 
-fn build(url: &str, ca_path: &Path, identity: Option<Identity>) -> Result<Channel, TlsError> {
+fn endpoint(url: &str, ca_path: &Path, identity: Option<Identity>) -> Result<Endpoint, TlsError> {
     let host = https_host(url)?;
     let verifier = CoordinatorOnlyVerifier::new(ca_path)?;
     let transport_err = |source| TlsError::Transport {
@@ -107,7 +148,7 @@ fn build(url: &str, ca_path: &Path, identity: Option<Identity>) -> Result<Channe
         .keep_alive_while_idle(true)
         .tls_config_with_verifier(tls, Arc::new(verifier))
         .map_err(transport_err)?;
-    Ok(endpoint.connect_lazy())
+    Ok(endpoint)
 }
 
 /// The host of an `https://host:port` URL, without IPv6 brackets (the form TLS server-name

@@ -161,6 +161,13 @@ pub enum TlsError {
         reason: String,
     },
 
+    /// None of several coordinator replicas accepted a connection (standbys do not listen).
+    #[error("no coordinator reachable: {tried}")]
+    NoCoordinator {
+        /// Each URL tried with why it failed, `; `-separated.
+        tried: String,
+    },
+
     /// tonic refused the endpoint or TLS configuration.
     #[error("could not set up a gRPC channel to {url}: {source}")]
     Transport {

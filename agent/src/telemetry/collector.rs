@@ -503,6 +503,7 @@ impl Collector {
         {
             tracing::warn!("telemetry programs not loaded: {why}");
         }
+        crate::metrics::telemetry_sources(&sources);
         self.modes = modes;
         self.sources = sources;
         self.telemetry = loaded.ok();
@@ -712,6 +713,14 @@ impl Collector {
             TelemetryEvent::Exec(_) | TelemetryEvent::Exit(_) => Group::Proc,
             TelemetryEvent::OomKill(_) => Group::Oom,
         };
+        let kind = match event {
+            TelemetryEvent::ConnectFailed(_) => "connect-failed",
+            TelemetryEvent::ConnectionError(_) => "connection-error",
+            TelemetryEvent::Exec(_) => "exec",
+            TelemetryEvent::Exit(_) => "exit",
+            TelemetryEvent::OomKill(_) => "oom-kill",
+        };
+        crate::metrics::count("faultline_agent_telemetry_events_total", &[kind], 1);
         let cgroup = event.cgroup_id();
         for sub in &mut self.subs {
             for (index, target) in sub.targets.iter().enumerate() {
@@ -743,6 +752,11 @@ impl Collector {
                         sub.events.push(convert::event(event, target.name()));
                     } else {
                         sub.drops.agent_events += 1;
+                        crate::metrics::count(
+                            "faultline_agent_telemetry_drops_total",
+                            &["agent-events"],
+                            1,
+                        );
                     }
                 }
             }
@@ -853,6 +867,9 @@ impl Collector {
             targets.push(wire);
         }
         let (ringbuf, full) = kernel_losses(snapshot);
+        if snapshot.is_some() {
+            crate::metrics::kernel_losses(ringbuf, full);
+        }
         sub.drops.kernel_events = ringbuf.saturating_sub(sub.kernel_base.0);
         sub.drops.kernel_map_full = full.saturating_sub(sub.kernel_base.1);
         let mut events = std::mem::take(&mut sub.events);
@@ -873,12 +890,14 @@ impl Collector {
         sub.from = to;
         sub.next_flush = Instant::now() + until_boundary(sub.interval);
         match self.out.try_send(batch) {
-            Ok(()) => {}
+            Ok(()) => crate::metrics::count("faultline_agent_telemetry_batches_total", &[], 1),
             Err(TrySendError::Full(_)) => {
                 sub.drops.batches += 1;
+                crate::metrics::count("faultline_agent_telemetry_drops_total", &["batches"], 1);
                 tracing::warn!(run = %sub.run_id, "telemetry queue full; batch dropped");
             }
             Err(TrySendError::Closed(_)) => {
+                crate::metrics::count("faultline_agent_telemetry_drops_total", &["batches"], 1);
                 tracing::debug!("telemetry uplink gone; batch dropped");
             }
         }

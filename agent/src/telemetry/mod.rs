@@ -177,11 +177,11 @@ impl std::fmt::Debug for TelemetryHandle {
 
 impl TelemetryHandle {
     /// Starts the collector thread (which loads the programs once, to report what this host
-    /// supports, and unloads them) and the uplink on `channel`. Blocks for the load (well
-    /// under a second).
+    /// supports, and unloads them) and the uplink on `channel` (the coordinator address the
+    /// link uses). Blocks for the load (well under a second).
     pub async fn start<R: ContainerRuntime>(
         runtime: Arc<R>,
-        channel: Channel,
+        channel: tokio::sync::watch::Receiver<Channel>,
         mode: Mode,
     ) -> Result<Self, TelemetryError> {
         faultline_bpf::set_libbpf_logger(faultline_bpf::LibbpfLevel::Warn, libbpf_log);
@@ -300,7 +300,7 @@ fn libbpf_log(level: faultline_bpf::LibbpfLevel, message: &str) {
 /// cannot start: the agent then works without telemetry.
 pub async fn start_for_agent<R: ContainerRuntime>(
     runtime: Arc<R>,
-    channel: Channel,
+    channel: tokio::sync::watch::Receiver<Channel>,
 ) -> Option<TelemetryHandle> {
     let mode = Mode::from_env().unwrap_or_else(|why| {
         tracing::error!("{why}; using auto");

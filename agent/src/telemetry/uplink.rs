@@ -85,6 +85,7 @@ impl Backlog {
                 break;
             }
             if let Some(dropped) = self.batches.pop_front() {
+                crate::metrics::count("faultline_agent_telemetry_drops_total", &["batches"], 1);
                 tracing::warn!(run = %dropped.run_id, seq = dropped.seq,
                     "telemetry batch dropped: {}",
                     if full { "backlog full" } else { "not delivered in time" });
@@ -97,9 +98,10 @@ impl Backlog {
     }
 }
 
-/// Runs until the collector is gone.
+/// Runs until the collector is gone. `channel` follows the link's coordinator address in use
+/// (several replicas: only the active one listens); each stream opens on the latest.
 pub(crate) async fn run(
-    channel: Channel,
+    channel: tokio::sync::watch::Receiver<Channel>,
     mut batches: mpsc::Receiver<pb::TelemetryBatch>,
     acks: AckTimes,
     control: std::sync::mpsc::Sender<Control>,
@@ -117,7 +119,8 @@ pub(crate) async fn run(
             }
         }
         let opened = Instant::now();
-        match stream(&channel, &mut batches, &mut backlog, &acks).await {
+        let current = channel.borrow().clone();
+        match stream(&current, &mut batches, &mut backlog, &acks).await {
             StreamEnd::Idle => {
                 backoff = BACKOFF_START;
                 continue;

@@ -270,6 +270,11 @@ int BPF_PROG(fl_tcp_state, const struct sock *csk, const int oldstate, const int
 	u16 family;
 	int err;
 
+	/* Most changes of a connection's life (FIN_WAIT*, CLOSE_WAIT, LAST_ACK, ...) count for
+	 * nothing here: leave before touching the socket. */
+	if (newstate != TCP_SYN_SENT && newstate != TCP_LISTEN && oldstate != TCP_LISTEN &&
+	    newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE)
+		return 0;
 	if (BPF_CORE_READ_BITFIELD(sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
 	family = sk->__sk_common.skc_family;
@@ -307,8 +312,6 @@ int BPF_PROG(fl_tcp_state, const struct sock *csk, const int oldstate, const int
 		return 0;
 	}
 
-	if (newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE)
-		return 0;
 	if (!owner_of(sk, &o))
 		goto out;
 	s = stats_for(sk, family, &o);

@@ -33,11 +33,16 @@ pub fn bpf_available() -> bool {
 /// Loads the given groups and insists they loaded: on a root machine with BTF a group that
 /// does not load is a failure, not a skip.
 pub fn load(groups: &[Group]) -> Telemetry {
-    let t = Telemetry::load(&Options {
+    load_with(&Options {
         groups: groups.to_vec(),
         ..Options::default()
     })
-    .unwrap();
+}
+
+/// Loads with these options; every requested group must load.
+pub fn load_with(options: &Options) -> Telemetry {
+    let groups = &options.groups;
+    let t = Telemetry::load(options).unwrap();
     for s in t.status() {
         if groups.contains(&s.group) {
             println!("{s}");

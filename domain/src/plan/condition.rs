@@ -35,7 +35,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_saphyr::{Location, Spanned};
 
-use super::steady::{MAX_WINDOW, MIN_WINDOW, SteadyState, format_rate};
+use super::steady::{SteadyState, format_rate};
+use super::telemetry::TelemetryCondition;
 use super::units::{NumberError, exact};
 use super::{Checker, MAX_STAGE_DELAY, child};
 use crate::duration::{format_duration, parse_duration};
@@ -208,8 +209,26 @@ impl Condition {
 /// `timeout`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StageTrigger {
-    pub condition: Condition,
+    pub condition: TriggerCondition,
     pub timeout: Duration,
+}
+
+/// What a `when:` waits for: a probe's figure, or the run's telemetry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum TriggerCondition {
+    Probe(Condition),
+    Telemetry(TelemetryCondition),
+}
+
+impl TriggerCondition {
+    /// For a person, as [`Condition::describe`] and [`TelemetryCondition::describe`].
+    pub fn describe(&self) -> String {
+        match self {
+            TriggerCondition::Probe(condition) => condition.describe(),
+            TriggerCondition::Telemetry(condition) => condition.describe(),
+        }
+    }
 }
 
 /// What [`check_condition`] found.
@@ -388,6 +407,46 @@ pub fn hypothesis_held(results: &[ToleranceResult]) -> Option<bool> {
     (!results.is_empty()).then(|| results.iter().all(|result| result.held))
 }
 
+/// The verdict of a run that was not (or could not be) judged.
+pub const NOT_EVALUATED: &str = "not evaluated (no hypothesis probes)";
+/// The hypothesis held: the run completed and its recovery check found the system steady.
+pub const CONFIRMED: &str = "confirmed";
+/// The hypothesis did not hold: a stop condition fired, a tolerance was broken, or the
+/// recovery check found the system not steady.
+pub const REFUTED: &str = "refuted";
+
+/// What a run's verdict is judged on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VerdictInputs {
+    /// The plan has `steady_state` (without it nothing is judged).
+    pub has_steady_state: bool,
+    /// The run ended `completed`.
+    pub completed: bool,
+    /// A stop condition fired.
+    pub stop_condition_fired: bool,
+    /// The recovery check's outcome, when it ran.
+    pub recovered: Option<bool>,
+    /// A hypothesis tolerance was not held.
+    pub tolerance_broken: bool,
+}
+
+/// The hypothesis verdict: [`NOT_EVALUATED`] without `steady_state`; [`REFUTED`] when a stop
+/// condition fired, a tolerance broke or the recovery check found the system not steady;
+/// [`CONFIRMED`] when the run completed and the recovery check found it steady; otherwise
+/// (not steady before injection, halted, failed) [`NOT_EVALUATED`].
+pub fn run_verdict(inputs: VerdictInputs) -> &'static str {
+    if !inputs.has_steady_state {
+        return NOT_EVALUATED;
+    }
+    if inputs.stop_condition_fired || inputs.recovered == Some(false) || inputs.tolerance_broken {
+        return REFUTED;
+    }
+    if inputs.completed && inputs.recovered == Some(true) {
+        return CONFIRMED;
+    }
+    NOT_EVALUATED
+}
+
 /// A percentage `0%`..=`100%` (the `%` optional, at most two decimals) as a fraction.
 pub(super) fn percent_fraction(text: &str, field: &str) -> Result<f64, String> {
     let number = text.trim().trim_end_matches('%').trim_end();
@@ -414,6 +473,8 @@ pub(super) fn percent_fraction(text: &str, field: &str) -> Result<f64, String> {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTrigger {
     probe: Option<Spanned<String>>,
+    /// `METRIC{LABELS} > THRESHOLD`: a telemetry condition instead of a probe's.
+    pub(super) telemetry: Option<Spanned<String>>,
     metric: Option<Spanned<String>>,
     above: Option<Spanned<String>>,
     below: Option<Spanned<String>>,
@@ -567,6 +628,9 @@ impl Checker {
     ) -> Option<StageTrigger> {
         let at = &raw.referenced;
         let trigger = &raw.value;
+        if let Some(expression) = &trigger.telemetry {
+            return self.telemetry_trigger(trigger, expression, at, path);
+        }
         let probe = self
             .required(&trigger.probe, at, path, "probe")
             .and_then(|probe| self.probe_ref(probe, &child(path, "probe"), steady, "`when`"));
@@ -604,17 +668,22 @@ impl Checker {
             }
             _ => None,
         };
-        let window = self
-            .required(&trigger.window, at, path, "window")
-            .and_then(|window| {
-                self.duration(
-                    window,
-                    &child(path, "window"),
-                    (MIN_WINDOW, MAX_WINDOW),
-                    "between 250ms and 10m",
-                )
-            });
-        let timeout = match &trigger.timeout {
+        let window = self.condition_window(&trigger.window, at, path);
+        let timeout = self.when_timeout(trigger, path);
+        Some(StageTrigger {
+            condition: TriggerCondition::Probe(Condition {
+                probe: probe?,
+                metric: metric?,
+                comparison: comparison?.0,
+                threshold: threshold?,
+                window: window?,
+            }),
+            timeout: timeout?,
+        })
+    }
+
+    fn when_timeout(&mut self, trigger: &RawTrigger, path: &str) -> Option<Duration> {
+        match &trigger.timeout {
             None => Some(DEFAULT_WHEN_TIMEOUT),
             Some(timeout) => self.duration(
                 timeout,
@@ -622,15 +691,34 @@ impl Checker {
                 (MIN_WHEN_TIMEOUT, MAX_WHEN_TIMEOUT),
                 "between 1s and 1h",
             ),
-        };
+        }
+    }
+
+    /// `when: { telemetry: EXPRESSION, window: W, timeout: T }`.
+    fn telemetry_trigger(
+        &mut self,
+        trigger: &RawTrigger,
+        expression: &Spanned<String>,
+        at: &Location,
+        path: &str,
+    ) -> Option<StageTrigger> {
+        let probe_keys = [
+            ("probe", &trigger.probe),
+            ("metric", &trigger.metric),
+            ("above", &trigger.above),
+            ("below", &trigger.below),
+        ];
+        let condition = self.telemetry_condition(
+            expression,
+            &trigger.window,
+            &probe_keys,
+            at,
+            path,
+            "a probe's `when`",
+        );
+        let timeout = self.when_timeout(trigger, path);
         Some(StageTrigger {
-            condition: Condition {
-                probe: probe?,
-                metric: metric?,
-                comparison: comparison?.0,
-                threshold: threshold?,
-                window: window?,
-            },
+            condition: TriggerCondition::Telemetry(condition?),
             timeout: timeout?,
         })
     }

@@ -74,13 +74,13 @@ fn when_parses_into_a_trigger() {
     assert_eq!(
         plan.stages[1].when,
         Some(StageTrigger {
-            condition: Condition {
+            condition: TriggerCondition::Probe(Condition {
                 probe: "api".into(),
                 metric: Metric::P95,
                 comparison: Comparison::Above,
                 threshold: 500.0,
                 window: Duration::from_secs(5),
-            },
+            }),
             timeout: DEFAULT_WHEN_TIMEOUT,
         })
     );
@@ -98,9 +98,12 @@ fn when_parses_into_a_trigger() {
     ))
     .unwrap();
     let when = plan.stages[1].when.as_ref().unwrap();
-    assert_eq!(when.condition.metric, Metric::ErrorRate);
-    assert_eq!(when.condition.comparison, Comparison::Below);
-    assert_eq!(when.condition.threshold, 0.125);
+    let TriggerCondition::Probe(condition) = &when.condition else {
+        panic!("a probe condition: {when:?}");
+    };
+    assert_eq!(condition.metric, Metric::ErrorRate);
+    assert_eq!(condition.comparison, Comparison::Below);
+    assert_eq!(condition.threshold, 0.125);
     assert_eq!(when.timeout, Duration::from_secs(3600));
     assert_eq!(
         when.condition.describe(),
@@ -112,10 +115,149 @@ fn when_parses_into_a_trigger() {
         &["when: { probe: api, metric: value, above: -1.5, window: 1s, timeout: 1s }"],
     ))
     .unwrap();
-    assert_eq!(
-        value.stages[1].when.as_ref().unwrap().condition.threshold,
-        -1.5
+    let TriggerCondition::Probe(condition) = &value.stages[1].when.as_ref().unwrap().condition
+    else {
+        panic!("a probe condition");
+    };
+    assert_eq!(condition.threshold, -1.5);
+}
+
+#[test]
+fn telemetry_conditions_parse_without_probes() {
+    // No steady_state at all: telemetry needs no probes.
+    let yaml = cascade(
+        false,
+        &[
+            "when:",
+            "  telemetry: \"runq_latency_p95{target=db,agent=agent-1} > 5ms\"",
+            "  window: 3s",
+            "  timeout: 1m",
+        ],
     );
+    let yaml = format!(
+        "{yaml}stop_conditions:\n  - {{ telemetry: \"tcp_retransmits_per_s{{target=db}} > 50\", window: 5s }}\n"
+    );
+    let plan = parse_plan(&yaml).unwrap_or_else(|e| panic!("{}", render_errors("p", &e)));
+    let when = plan.stages[1].when.as_ref().unwrap();
+    assert_eq!(
+        when.condition,
+        TriggerCondition::Telemetry(TelemetryCondition {
+            metric: TelemetryMetric::RunqLatencyP95,
+            target: Some("db".into()),
+            agent: Some("agent-1".into()),
+            comparison: Comparison::Above,
+            threshold: 5000.0,
+            window: Duration::from_secs(3),
+        })
+    );
+    assert_eq!(when.timeout, Duration::from_secs(60));
+    assert_eq!(
+        plan.stop_conditions,
+        vec![StopCondition::Telemetry(TelemetryCondition {
+            metric: TelemetryMetric::TcpRetransmitsPerS,
+            target: Some("db".into()),
+            agent: None,
+            comparison: Comparison::Above,
+            threshold: 50.0,
+            window: Duration::from_secs(5),
+        })]
+    );
+}
+
+#[test]
+fn telemetry_condition_rules_report_the_right_field_and_line() {
+    type Case = (
+        &'static str,
+        Vec<&'static str>,
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+    );
+    // (name, `when` lines, stop_conditions item, expected (text on its line, field)).
+    let cases: Vec<Case> = vec![
+        (
+            "unknown target",
+            vec!["when: { telemetry: \"oom_kills{target=web} > 0\", window: 2s }"],
+            "",
+            vec![("when:", "stages[1].when.telemetry")],
+        ),
+        (
+            "target on another agent",
+            vec!["when: { telemetry: \"oom_kills{target=db,agent=agent-3} > 0\", window: 2s }"],
+            "",
+            vec![("when:", "stages[1].when.telemetry")],
+        ),
+        (
+            "probe keys beside telemetry",
+            vec!["when: { telemetry: \"oom_kills > 0\", probe: api, above: 1, window: 2s }"],
+            "",
+            vec![
+                ("when:", "stages[1].when.probe"),
+                ("when:", "stages[1].when.above"),
+            ],
+        ),
+        (
+            "bad expression and no window",
+            vec!["when: { telemetry: \"oom_kills >= 1\" }"],
+            "",
+            vec![
+                ("when:", "stages[1].when.window"),
+                ("when:", "stages[1].when.telemetry"),
+            ],
+        ),
+        (
+            "stop condition without window, with an error rate",
+            vec![],
+            "{ telemetry: \"tcp_resets_per_s > 1\", max_error_rate: 5% }",
+            vec![
+                ("max_error_rate", "stop_conditions[0].window"),
+                ("max_error_rate", "stop_conditions[0].max_error_rate"),
+            ],
+        ),
+        (
+            "stop condition on an agent without faults",
+            vec![],
+            "{ telemetry: \"tcp_resets_per_s{agent=agent-9} > 1\", window: 1s }",
+            vec![("agent-9", "stop_conditions[0].telemetry")],
+        ),
+    ];
+    for (name, when, stop, expected) in cases {
+        let mut yaml = cascade(false, &when);
+        if !stop.is_empty() {
+            yaml.push_str(&format!("stop_conditions:\n  - {stop}\n"));
+        }
+        let errors = match parse_plan(&yaml) {
+            Ok(plan) => panic!("{name}: expected errors, got {plan:#?}"),
+            Err(errors) => errors,
+        };
+        let expected: Vec<(u32, String)> = expected
+            .iter()
+            .map(|(text, field)| (line_of(&yaml, text), field.to_string()))
+            .collect();
+        assert_eq!(
+            located(&errors),
+            expected,
+            "{name}\n{}",
+            render_errors("plan.yaml", &errors)
+        );
+    }
+    // The message lists the targets that telemetry covers.
+    let yaml = cascade(
+        false,
+        &["when: { telemetry: \"oom_kills{target=web} > 0\", window: 2s }"],
+    );
+    let errors = parse_plan(&yaml).unwrap_err();
+    assert!(errors[0].message.contains("(those are: db)"), "{errors:?}");
+    // A pattern selector is named by a container name it matches.
+    let pattern = cascade(
+        false,
+        &["when: { telemetry: \"oom_kills{target=db-7} > 0\", window: 2s }"],
+    )
+    .replace(
+        "target: { container: db }, duration: 1s }\n  - name: second",
+        "target: { container: \"re:db-[0-9]+\" }, duration: 1s }\n  - name: second",
+    );
+    assert!(pattern.contains("re:db-"), "{pattern}");
+    parse_plan(&pattern).unwrap_or_else(|e| panic!("{}", render_errors("p", &e)));
 }
 
 #[test]

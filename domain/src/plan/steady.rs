@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 
+use super::telemetry::TelemetryCondition;
 use super::units::{NumberError, exact};
 use super::{Checker, child};
 use crate::duration::format_duration;
@@ -45,9 +46,17 @@ pub struct SteadyState {
     pub max_error_rate: f64,
 }
 
-/// One item of `stop_conditions:`.
+/// One item of `stop_conditions:`: on a probe's error rate, or on the run's telemetry.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StopCondition {
+#[serde(untagged)]
+pub enum StopCondition {
+    Probe(ProbeStopCondition),
+    Telemetry(TelemetryCondition),
+}
+
+/// `{ probe: api, max_error_rate: 50%, window: 2s }`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProbeStopCondition {
     /// Names a `steady_state` probe.
     pub probe: String,
     /// Abort when the error rate over the last `window` exceeds this (0..=1).
@@ -95,7 +104,7 @@ pub fn baseline_verdict(
 /// A window without samples never fires. The reason names the probe, the rate and the limit.
 pub fn stop_condition_fired(
     samples: &[ProbeSample],
-    condition: &StopCondition,
+    condition: &ProbeStopCondition,
     now_ms: i64,
 ) -> Option<String> {
     let window_ms = i64::try_from(condition.window.as_millis()).unwrap_or(i64::MAX);
@@ -148,6 +157,8 @@ pub(super) struct RawSteadyState {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawStopCondition {
     probe: Option<Spanned<String>>,
+    /// `METRIC{LABELS} > THRESHOLD`: a telemetry condition instead of a probe's.
+    pub(super) telemetry: Option<Spanned<String>>,
     max_error_rate: Option<Spanned<String>>,
     window: Option<Spanned<String>>,
 }
@@ -219,7 +230,8 @@ impl Checker {
         }))
     }
 
-    /// `stop_conditions:`; empty when absent. Each must name a probe of `steady`.
+    /// `stop_conditions:`; empty when absent. A probe condition must name a probe of
+    /// `steady`; a telemetry condition needs no probes.
     pub(super) fn stop_conditions(
         &mut self,
         raw: Option<&Spanned<Vec<Spanned<RawStopCondition>>>>,
@@ -236,6 +248,9 @@ impl Checker {
                 let path = format!("stop_conditions[{index}]");
                 let at = &item.referenced;
                 let item = &item.value;
+                if let Some(expression) = &item.telemetry {
+                    return self.telemetry_stop_condition(item, expression, at, &path);
+                }
                 let probe = self
                     .required(&item.probe, at, &path, "probe")
                     .and_then(|probe| {
@@ -263,24 +278,38 @@ impl Checker {
                     "max_error_rate",
                     error_rate,
                 );
-                let window = self
-                    .required(&item.window, at, &path, "window")
-                    .and_then(|window| {
-                        self.duration(
-                            window,
-                            &child(&path, "window"),
-                            (MIN_WINDOW, MAX_WINDOW),
-                            "between 250ms and 10m",
-                        )
-                    });
-                Some(StopCondition {
+                let window = self.condition_window(&item.window, at, &path);
+                Some(StopCondition::Probe(ProbeStopCondition {
                     probe: probe?,
                     max_error_rate: max_error_rate?,
                     window: window?,
-                })
+                }))
             })
             .collect();
         checked.into_iter().collect()
+    }
+
+    /// `{ telemetry: EXPRESSION, window: W }`: no probe, no error rate.
+    fn telemetry_stop_condition(
+        &mut self,
+        item: &RawStopCondition,
+        expression: &Spanned<String>,
+        at: &serde_saphyr::Location,
+        path: &str,
+    ) -> Option<StopCondition> {
+        let probe_keys = [
+            ("probe", &item.probe),
+            ("max_error_rate", &item.max_error_rate),
+        ];
+        self.telemetry_condition(
+            expression,
+            &item.window,
+            &probe_keys,
+            at,
+            path,
+            "a probe's stop condition",
+        )
+        .map(StopCondition::Telemetry)
     }
 }
 
@@ -357,16 +386,16 @@ mod tests {
         assert_eq!(
             full.stop_conditions,
             vec![
-                StopCondition {
+                StopCondition::Probe(ProbeStopCondition {
                     probe: "api".into(),
                     max_error_rate: 0.5,
                     window: Duration::from_secs(2),
-                },
-                StopCondition {
+                }),
+                StopCondition::Probe(ProbeStopCondition {
                     probe: "api".into(),
                     max_error_rate: 0.0,
                     window: Duration::from_millis(250),
-                },
+                }),
             ]
         );
     }
@@ -495,12 +524,12 @@ mod tests {
 
     #[test]
     fn stop_condition_table() {
-        let half = StopCondition {
+        let half = ProbeStopCondition {
             probe: "api".into(),
             max_error_rate: 0.5,
             window: Duration::from_secs(2),
         };
-        let strict = StopCondition {
+        let strict = ProbeStopCondition {
             max_error_rate: 0.0,
             ..half.clone()
         };
@@ -510,7 +539,7 @@ mod tests {
         type Case<'a> = (
             &'a str,
             &'a [ProbeSample],
-            &'a StopCondition,
+            &'a ProbeStopCondition,
             i64,
             Option<&'a str>,
         );

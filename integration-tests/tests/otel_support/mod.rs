@@ -1,5 +1,5 @@
 //! Helpers of the OpenTelemetry tests (`otel.rs`, `otel_http.rs`): the Python OTLP receiver,
-//! a traced plan, span-tree assertions.
+//! a traced plan, span-tree and metric assertions, the processes' own `/metrics`.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -21,7 +21,8 @@ pub async fn ensure_python_deps() {
         Command::new("python3")
             .args([
                 "-c",
-                "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc",
+                "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc, \
+                 opentelemetry.proto.collector.metrics.v1.metrics_service_pb2_grpc",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -50,11 +51,14 @@ pub async fn ensure_python_deps() {
     );
 }
 
-/// Starts the receiver; returns it and its `host:port`.
-pub async fn start_receiver(out: &Path, http: bool) -> (Child, String) {
+/// Starts the receiver (spans to `out`, metric data points to `metrics`); returns it and its
+/// `host:port`.
+pub async fn start_receiver(out: &Path, metrics: &Path, http: bool) -> (Child, String) {
     let mut child = Command::new("python3")
         .arg(receiver_script())
         .arg(out)
+        .arg("--metrics")
+        .arg(metrics)
         .args(if http { &["--http"][..] } else { &[][..] })
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -141,4 +145,68 @@ pub fn child_of(child: &Value, parent: &Value) {
         child["name"], parent["name"]
     );
     assert_eq!(child["trace_id"], parent["trace_id"]);
+}
+
+/// Every metric data point received so far.
+pub fn metric_points(path: &Path) -> Vec<Value> {
+    spans(path)
+}
+
+/// The latest data point of metric `name` whose attributes include `attrs`, among those
+/// `from` (a predicate on the point, e.g. which process sent it) accepts.
+pub fn latest_point<'a>(
+    points: &'a [Value],
+    name: &str,
+    attrs: &[(&str, &str)],
+    from: impl Fn(&Value) -> bool,
+) -> Option<&'a Value> {
+    points
+        .iter()
+        .filter(|p| p["name"] == name && from(p))
+        .filter(|p| attrs.iter().all(|(k, v)| p["attributes"][*k] == *v))
+        .max_by_key(|p| p["time_ns"].as_u64().unwrap_or(0))
+}
+
+/// Sent by the agent (its resource names it).
+pub fn from_agent(point: &Value) -> bool {
+    point["resource"]["faultline.agent"].is_string()
+}
+
+/// Sent by the coordinator.
+pub fn from_coordinator(point: &Value) -> bool {
+    !from_agent(point)
+}
+
+/// The address a process logged as `metrics listening on http://ADDR/metrics`.
+pub fn metrics_addr(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let marker = "metrics listening on http://";
+    let at = text.find(marker)?;
+    Some(
+        text[at + marker.len()..]
+            .split("/metrics")
+            .next()?
+            .to_string(),
+    )
+}
+
+/// `GET /metrics` over plain HTTP: the value of series `name`, written with its labels as
+/// rendered (e.g. `x_total{outcome="failed"}`).
+pub async fn scrape_value(addr: &str, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
 }

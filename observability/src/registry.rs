@@ -1,16 +1,13 @@
-//! A small Prometheus registry and `/metrics` endpoint, shared by the coordinator and the agent
-//! (the agent includes this file with `#[path]`): counters, gauges and histograms with labels,
-//! rendered in the Prometheus text format (0.0.4), served on a plain-HTTP listener of its own.
-//! std + tokio only, no HTTP framework.
+//! A small Prometheus registry: counters, gauges and histograms with labels, rendered in the
+//! Prometheus text format (0.0.4), and read by the OTLP metrics export ([`crate::init_tracing`]).
+//! Every registry also holds the exporter's own families ([`SELF_DEFS`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Histogram;
 
 /// What a metric family is.
 #[derive(Debug, Clone, Copy)]
@@ -42,11 +39,43 @@ enum Value {
 
 type Series = BTreeMap<(&'static str, Vec<String>), Value>;
 
+/// Counts of the OTLP exporters themselves, in every registry: the SDK's batch queue drops
+/// silently when full, and a dead collector fails exports, so these tell what was lost.
+pub static SELF_DEFS: &[Def] = &[
+    Def {
+        name: "faultline_otel_spans_ended_total",
+        kind: Kind::Counter,
+        help: "Spans handed to the OTLP batch queue (ended - exported - dropped = still queued, or dropped by a full queue).",
+        labels: &[],
+    },
+    Def {
+        name: "faultline_otel_spans_exported_total",
+        kind: Kind::Counter,
+        help: "Spans the OTLP collector accepted.",
+        labels: &[],
+    },
+    Def {
+        name: "faultline_otel_spans_dropped_total",
+        kind: Kind::Counter,
+        help: "Spans lost because their export failed (collector down, slow past the timeout, or refusing).",
+        labels: &[],
+    },
+    Def {
+        name: "faultline_otel_metric_exports_total",
+        kind: Kind::Counter,
+        help: "OTLP metric exports, by outcome (ok, failed).",
+        labels: &["outcome"],
+    },
+];
+
 /// The process's metrics.
 #[derive(Debug)]
 pub struct Registry {
     defs: &'static [Def],
     values: Mutex<Series>,
+    /// The OTLP histograms, once metric export is on: histograms have no asynchronous
+    /// instrument in OpenTelemetry, so observations are recorded into both.
+    otel_histograms: OnceLock<Vec<(&'static str, Histogram<f64>)>>,
 }
 
 impl Registry {
@@ -54,11 +83,55 @@ impl Registry {
         Registry {
             defs,
             values: Mutex::new(BTreeMap::new()),
+            otel_histograms: OnceLock::new(),
         }
     }
 
+    /// Every family: the process's own, then the exporter's.
+    pub fn defs(&self) -> impl Iterator<Item = &'static Def> {
+        self.defs.iter().chain(SELF_DEFS)
+    }
+
     fn def(&self, name: &str) -> Option<&'static Def> {
-        self.defs.iter().find(|d| d.name == name)
+        self.defs().find(|d| d.name == name)
+    }
+
+    /// Called once by the OTLP metrics set-up.
+    pub(crate) fn attach_otel_histograms(&self, histograms: Vec<(&'static str, Histogram<f64>)>) {
+        let _ = self.otel_histograms.set(histograms);
+    }
+
+    /// The current value of every series of the counter or gauge `name`, with its label
+    /// values; an unlabelled family without updates reads 0 (as in [`Registry::render`]).
+    pub fn numbers(&self, name: &str) -> Vec<(Vec<String>, f64)> {
+        let Some(def) = self.def(name) else {
+            return Vec::new();
+        };
+        let values = self
+            .values
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<(Vec<String>, f64)> = values
+            .iter()
+            .filter(|((family, _), _)| *family == name)
+            .filter_map(|((_, labels), value)| match value {
+                Value::Number(n) => Some((labels.clone(), *n)),
+                Value::Histogram { .. } => None,
+            })
+            .collect();
+        if out.is_empty() && def.labels.is_empty() && !matches!(def.kind, Kind::Histogram(_)) {
+            out.push((Vec::new(), 0.0));
+        }
+        out
+    }
+
+    /// `labels` as OpenTelemetry attributes of family `def`.
+    pub(crate) fn attributes(def: &Def, labels: &[String]) -> Vec<KeyValue> {
+        def.labels
+            .iter()
+            .zip(labels)
+            .map(|(k, v)| KeyValue::new(*k, v.clone()))
+            .collect()
     }
 
     fn with(&self, name: &'static str, labels: &[&str], f: impl FnOnce(&Def, &mut Value)) {
@@ -101,6 +174,15 @@ impl Registry {
 
     /// Records one observation in a histogram.
     pub fn observe(&self, name: &'static str, labels: &[&str], sample: f64) {
+        if let Some((_, histogram)) = self
+            .otel_histograms
+            .get()
+            .and_then(|all| all.iter().find(|(family, _)| *family == name))
+            && let Some(def) = self.def(name)
+        {
+            let labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+            histogram.record(sample, &Self::attributes(def, &labels));
+        }
         self.with(name, labels, |def, value| {
             if let (
                 Kind::Histogram(bounds),
@@ -131,7 +213,7 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let mut out = String::new();
-        for def in self.defs {
+        for def in self.defs() {
             let kind = match def.kind {
                 Kind::Counter => "counter",
                 Kind::Gauge => "gauge",
@@ -210,74 +292,6 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Starts the `/metrics` listener on `listen` (`off` disables it; port 0 picks a free port)
-/// and logs `metrics listening on http://ADDR/metrics`. A bind failure is logged, not fatal:
-/// metrics never stop a coordinator or an agent.
-pub async fn start(registry: &'static Registry, listen: &str) -> Option<SocketAddr> {
-    if listen.trim().eq_ignore_ascii_case("off") {
-        return None;
-    }
-    let listener = match TcpListener::bind(listen.trim()).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            tracing::warn!(%err, listen, "metrics listener not started");
-            return None;
-        }
-    };
-    let addr = listener.local_addr().ok()?;
-    tracing::info!("metrics listening on http://{addr}/metrics");
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(answer(registry, stream));
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "metrics listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    });
-    Some(addr)
-}
-
-async fn answer(registry: &'static Registry, mut stream: TcpStream) {
-    let mut request = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => request.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
-    if read.is_err() {
-        return;
-    }
-    let line = String::from_utf8_lossy(&request);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, body) = if method == "GET" && (path == "/metrics" || path == "/") {
-        ("200 OK", registry.render())
-    } else {
-        (
-            "404 Not Found",
-            "only GET /metrics is served here\n".to_string(),
-        )
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,5 +330,16 @@ mod tests {
         assert!(text.contains("t_seconds_bucket{le=\"1\"} 1\n"), "{text}");
         assert!(text.contains("t_seconds_bucket{le=\"+Inf\"} 2\n"), "{text}");
         assert!(text.contains("t_seconds_count 2\n"), "{text}");
+        assert!(
+            text.contains("# TYPE faultline_otel_spans_dropped_total counter\nfaultline_otel_spans_dropped_total 0\n"),
+            "{text}"
+        );
+        assert_eq!(registry.numbers("t_up"), vec![(Vec::new(), 0.0)]);
+        assert_eq!(
+            registry.numbers("t_total"),
+            vec![(vec!["a\"b".to_string()], 2.0)]
+        );
+        assert!(registry.numbers("t_seconds").is_empty());
+        assert!(registry.numbers("unknown").is_empty());
     }
 }
