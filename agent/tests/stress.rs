@@ -457,6 +457,11 @@ fn io_hog_writes_are_charged_to_the_target_cgroup() {
             .filter_map(|line| line.split_whitespace().nth(2)?.parse::<u64>().ok())
             .sum()
     };
+    // Since Linux 6.9 the v1 blkio counters are only kept for a disk whose blk-throttle is
+    // active, and it becomes active when some cgroup first sets a limit on that disk (before,
+    // the test passed only when an earlier test had throttled the disk). A limit far above
+    // what the disk can do turns the counting on without slowing anything.
+    activate_blk_throttle(&dir, Path::new("/"));
     let before = written(&dir);
     let fault = FaultKind::IoHog { workers: 2 };
     let mut plan = stress::plan(&fault, &cgroup_ref, target, &tag("io"), &exe()).unwrap();
@@ -480,6 +485,25 @@ fn io_hog_writes_are_charged_to_the_target_cgroup() {
     }
     println!("undo: {}", rt.block_on(stress::undo(&plan.undo)).unwrap());
     assert!(!plan.undo.processes[0].is_alive());
+}
+
+/// Sets a write limit of 1 TiB/s in the v1 blkio cgroup `dir` on the whole disk holding
+/// `path`, so that the kernel sets up blk-throttle on that disk and counts its IO per cgroup.
+fn activate_blk_throttle(dir: &Path, path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).unwrap().dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    // A partition's limits belong to its disk: /sys/dev/block/M:m/.. is the disk then.
+    let sys = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).unwrap();
+    let disk = if sys.join("partition").exists() {
+        sys.parent().unwrap().to_path_buf()
+    } else {
+        sys
+    };
+    let numbers = std::fs::read_to_string(disk.join("dev")).unwrap();
+    let limit = format!("{} {}", numbers.trim(), 1u64 << 40);
+    std::fs::write(dir.join("blkio.throttle.write_bps_device"), &limit)
+        .unwrap_or_else(|err| panic!("setting {limit} in {}: {err}", dir.display()));
 }
 
 fn disk_fill_to_half_of_a_small_tmpfs_and_undo_frees_it() {

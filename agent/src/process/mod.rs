@@ -74,6 +74,31 @@ impl ProcessId {
         self.stat().is_some()
     }
 
+    /// Whether any thread of this very process has yet to exit. When a multi-threaded
+    /// process is killed its leader turns zombie as soon as it has exited, while its other
+    /// threads may still be exiting: until they are done the process still runs code and is
+    /// still listed in its cgroups' `cgroup.procs`. A kill is complete only when this is false.
+    pub fn any_thread_live(&self) -> bool {
+        let Some(leader) = Stat::read(self.pid).ok().flatten() else {
+            return false;
+        };
+        if leader.start_time != self.start_time {
+            return false;
+        }
+        if leader.is_live() {
+            return true;
+        }
+        let Ok(threads) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
+            return false;
+        };
+        threads.flatten().any(|thread| {
+            std::fs::read_to_string(thread.path().join("stat"))
+                .ok()
+                .and_then(|text| parse_stat(self.pid, &text).ok())
+                .is_some_and(|stat| stat.is_live())
+        })
+    }
+
     /// Scheduler state (`R`, `S`, `D`, `T`...) of this very process, `None` once it is gone.
     pub fn state(&self) -> Option<char> {
         self.stat().map(|stat| stat.state)

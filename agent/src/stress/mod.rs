@@ -420,7 +420,7 @@ fn stressors_of(undo: &StressorUndo) -> Vec<ProcessId> {
     let mut ids: Vec<ProcessId> = undo
         .processes
         .iter()
-        .filter(|id| id.is_alive())
+        .filter(|id| id.any_thread_live())
         .cloned()
         .collect();
     for found in list_stressors() {
@@ -519,9 +519,10 @@ async fn kill_all(tag: &str, ids: &[ProcessId]) -> Result<(), StressError> {
     }
     let start = Instant::now();
     loop {
+        // Every thread, not only the leader: see `ProcessId::any_thread_live`.
         let alive: Vec<u32> = ids
             .iter()
-            .filter(|id| id.is_alive())
+            .filter(|id| id.any_thread_live())
             .map(|id| id.pid)
             .collect();
         if alive.is_empty() {
