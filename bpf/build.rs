@@ -15,7 +15,7 @@ use std::process::Command;
 
 use libbpf_cargo::SkeletonBuilder;
 
-const PROGRAMS: &[&str] = &["tcp", "sched", "oom", "proc", "block"];
+const PROGRAMS: &[&str] = &["tcp", "sched", "oom", "proc", "block", "floor"];
 const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 fn main() -> Result<(), Box<dyn Error>> {

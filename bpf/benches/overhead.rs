@@ -3,15 +3,15 @@
 //! asserted.
 //!
 //! ```text
-//! cargo bench -p faultline-bpf --bench overhead                      # ~10 min, as root
+//! cargo bench -p faultline-bpf --bench overhead                      # ~15 min, as root
 //! cargo bench -p faultline-bpf --bench overhead -- --workloads switch --events 50000 --reps 9
 //! ```
 //!
 //! Flags: `--seconds S` per phase (default 2), `--workloads tcp,switch,exec` (default all),
 //! `--events 10000,50000,100000` target program runs (events) per second (default those
 //! three; `0` runs the workload unpaced, a closed loop), `--reps N` detached/attached pairs
-//! per rate (default 5), `--slices N` pairs of 1 s slices of the interleaved measurement per
-//! paced rate (default 10; 0 skips it).
+//! per rate (default 5), `--slices N` pairs of slices of the interleaved measurement per
+//! paced rate (default 150; 0 skips it), `--slice-ms M` their length (default 100).
 //!
 //! Method. Each workload runs in a child process; this process plays the agent (it loads the
 //! programs, polls the ring buffers every 100 ms and reads the maps every second). A short
@@ -27,13 +27,17 @@
 //! median with the minimum and maximum over the pairs. A last attached phase with
 //! `kernel.bpf_stats_enabled` on gives the events handled per second and their average cost
 //! (the accounting itself adds two clock reads per run, so this cost is an upper bound), and
-//! the "accounted cost": the programs' run time over the worker's CPU time without it, a
-//! steady estimate of the direct slowdown (an upper bound too: it also includes programs run
-//! for the rest of the host) next to the measured one, whose pair-to-pair noise is large.
-//! CPU time misses part of the cost, though: the kernel charges the time of a switch to the
-//! task switched in, the idle task included. So a last, interleaved measurement (see
-//! [`interleaved`]) takes the workload's own view: the latency of an operation, in one
-//! long-lived workload, programs detached and attached in alternate 1 s slices. The
+//! the "accounted cost": the programs' run time over the worker's CPU time without it. Both
+//! CPU-time figures divide by all of the worker's CPU, the system time of its pacing sleeps
+//! included, which dilutes them; and CPU time misses part of the cost: the kernel charges
+//! the time of a switch to the task switched in, the idle task included. So a last,
+//! interleaved measurement (see [`interleaved`]) takes the workload's own view: the latency
+//! of an operation, in one long-lived workload, programs detached and attached in alternate
+//! short slices (the programs stay loaded; only their links come and go), many pairs of
+//! them, so that the machine's slow drifts cancel within a pair and the pairs' mean has a
+//! narrow confidence interval. It is repeated with programs that do nothing on the same
+//! tracepoints ([`EmptyPrograms`]): the floor under any design that runs a program per
+//! event. The
 //! programs run unscoped: every event on the host is processed and counted in the maps (the
 //! worst case for map updates), so other activity on the machine adds noise.
 //!
@@ -50,7 +54,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use faultline_bpf::{Options, ProgramStats, Snapshot, Telemetry};
+use faultline_bpf::{EmptyPrograms, Options, ProgramStats, Snapshot, Telemetry};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Workload {
@@ -92,8 +96,10 @@ struct Args {
     /// Target events per second; 0: unpaced.
     events: Vec<u64>,
     reps: usize,
-    /// Pairs of 1 s slices in the interleaved measurement (0: skip it).
+    /// Pairs of slices in the interleaved measurement (0: skip it).
     slices: usize,
+    /// Length of one slice of the interleaved measurement.
+    slice: Duration,
     rate: Option<u64>,
     worker: Option<Workload>,
 }
@@ -104,7 +110,8 @@ fn parse_args() -> Result<Args, String> {
         workloads: vec![Workload::Tcp, Workload::Switch, Workload::Exec],
         events: vec![10_000, 50_000, 100_000],
         reps: 5,
-        slices: 10,
+        slices: 150,
+        slice: Duration::from_millis(100),
         rate: None,
         worker: None,
     };
@@ -144,6 +151,15 @@ fn parse_args() -> Result<Args, String> {
                 args.slices = value("--slices")?
                     .parse()
                     .map_err(|e| format!("--slices: {e}"))?
+            }
+            "--slice-ms" => {
+                let ms: u64 = value("--slice-ms")?
+                    .parse()
+                    .map_err(|e| format!("--slice-ms: {e}"))?;
+                if ms == 0 {
+                    return Err("--slice-ms must be at least 1".into());
+                }
+                args.slice = Duration::from_millis(ms);
             }
             "--workloads" => {
                 args.workloads = value("--workloads")?
@@ -249,6 +265,8 @@ struct Row {
     accounted_cost: f64,
     /// Per slice pair of the interleaved measurement, percent (empty: not run).
     interleaved: Vec<f64>,
+    /// The same for programs that do nothing on the same tracepoints.
+    floor: Vec<f64>,
     drops: u64,
 }
 
@@ -260,6 +278,18 @@ fn median(values: &[f64]) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// Mean and the half-width of its 95% confidence interval (normal approximation: the pairs
+/// are many and independent enough once slow drifts cancel within each pair).
+fn mean_ci95(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    if values.len() < 2 {
+        return (values.first().copied().unwrap_or(f64::NAN), f64::NAN);
+    }
+    let mean = values.iter().sum::<f64>() / n;
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, 1.96 * (variance / n).sqrt())
 }
 
 fn spread(values: &[f64]) -> (f64, f64) {
@@ -410,7 +440,11 @@ fn bench(w: Workload, args: &Args) -> Result<Vec<Row>, String> {
             ns_per_event,
             accounted_cost,
             interleaved: match (rate, args.slices) {
-                (Some(r), n) if n > 0 => interleaved(w, r, n)?,
+                (Some(r), n) if n > 0 => interleaved(w, r, n, args.slice, Programs::Telemetry)?,
+                _ => Vec::new(),
+            },
+            floor: match (rate, args.slices) {
+                (Some(r), n) if n > 0 => interleaved(w, r, n, args.slice, Programs::Empty)?,
                 _ => Vec::new(),
             },
             drops: attached.iter().chain([&stats]).map(drops).sum(),
@@ -433,10 +467,19 @@ fn bench(w: Workload, args: &Args) -> Result<Vec<Row>, String> {
         );
         if !row.interleaved.is_empty() {
             let (lo, hi) = spread(&row.interleaved);
+            let (mean, ci) = mean_ci95(&row.interleaved);
             println!(
-                "  interleaved, one workload, {} pairs of 1 s slices: latency/op {:+.2}% [{lo:+.1}..{hi:+.1}]",
+                "  interleaved, one workload, {} pairs of {} ms slices: latency/op mean {mean:+.2}% \
+                 ±{ci:.2} (95% CI), median {:+.2}% [{lo:+.1}..{hi:+.1}]",
                 row.interleaved.len(),
+                args.slice.as_millis(),
                 median(&row.interleaved)
+            );
+            let (mean, ci) = mean_ci95(&row.floor);
+            println!(
+                "  the same with programs that do nothing on those tracepoints (the floor): \
+                 latency/op mean {mean:+.2}% ±{ci:.2}, median {:+.2}%",
+                median(&row.floor)
             );
         }
         let mut busiest: Vec<_> = stats.programs.iter().filter(|p| p.run_count > 0).collect();
@@ -458,7 +501,7 @@ fn bench(w: Workload, args: &Args) -> Result<Vec<Row>, String> {
 /// The table the README quotes.
 fn print_summary(rows: &[Row]) {
     println!(
-        "\n{:<7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>21} {:>9} {:>21} {:>21} {:>8} {:>7} {:>6}",
+        "\n{:<7} {:>8} {:>9} {:>9} {:>7} {:>8} {:>21} {:>9} {:>15} {:>15} {:>13} {:>7} {:>6} {:>5}",
         "work",
         "target",
         "handled",
@@ -467,14 +510,15 @@ fn print_summary(rows: &[Row]) {
         "prog CPU",
         "CPU/op slowdown",
         "accounted",
-        "interleaved slowdown",
-        "throughput slowdown",
+        "latency/op",
+        "floor: empty",
+        "throughput",
         "loader",
         "RSS",
         "drops"
     );
     println!(
-        "{:<7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>21} {:>9} {:>21} {:>21} {:>8} {:>7} {:>6}",
+        "{:<7} {:>8} {:>9} {:>9} {:>7} {:>8} {:>21} {:>9} {:>15} {:>15} {:>13} {:>7} {:>6} {:>5}",
         "",
         "ev/s",
         "ev/s",
@@ -483,18 +527,25 @@ fn print_summary(rows: &[Row]) {
         "%core",
         "median [min..max]",
         "cost",
-        "median [min..max]",
-        "median [min..max]",
+        "interleaved",
+        "programs",
+        "slowdown",
         "CPU%",
         "MiB",
         ""
     );
+    let mean_ci = |values: &[f64]| {
+        if values.is_empty() {
+            "-".to_owned()
+        } else {
+            let (mean, ci) = mean_ci95(values);
+            format!("{mean:+.1}% ±{ci:.1}")
+        }
+    };
     for r in rows {
         let (clo, chi) = spread(&r.cpu_slowdowns);
-        let (tlo, thi) = spread(&r.throughput_slowdowns);
-        let (ilo, ihi) = spread(&r.interleaved);
         println!(
-            "{:<7} {:>8} {:>9.0} {:>9.0} {:>8.0} {:>7.2}% {:>21} {:>8.1}% {:>21} {:>21} {:>7.2}% {:>7.1} {:>6}",
+            "{:<7} {:>8} {:>9.0} {:>9.0} {:>7.0} {:>7.2}% {:>21} {:>8.1}% {:>15} {:>15} {:>13} {:>6.2}% {:>6.1} {:>5}",
             r.workload.name(),
             if r.target == 0 {
                 "unpaced".to_owned()
@@ -507,39 +558,50 @@ fn print_summary(rows: &[Row]) {
             100.0 * r.events_per_s * r.ns_per_event * 1e-9,
             format!("{:+.1}% [{clo:+.1}..{chi:+.1}]", median(&r.cpu_slowdowns)),
             r.accounted_cost,
-            if r.interleaved.is_empty() {
-                "-".to_owned()
-            } else {
-                format!("{:+.1}% [{ilo:+.1}..{ihi:+.1}]", median(&r.interleaved))
-            },
-            format!(
-                "{:+.1}% [{tlo:+.1}..{thi:+.1}]",
-                median(&r.throughput_slowdowns)
-            ),
+            mean_ci(&r.interleaved),
+            mean_ci(&r.floor),
+            format!("{:+.1}%", median(&r.throughput_slowdowns)),
             r.loader_cpu,
             r.loader_rss_kib as f64 / 1024.0,
             r.drops
         );
         let _ = r.ops_detached;
     }
+    println!(
+        "(latency/op and the floor: mean over the slice pairs, ±: half-width of its 95% \
+         confidence interval; throughput: median over the phase pairs)"
+    );
 }
 
 /// The slowdown as the workload sees it, measured in one long-lived workload: a thread of this
 /// process, pinned to the last CPU and paced at `rate` operations per second, runs through
-/// `pairs` pairs of 1 s slices, programs detached in one and attached in the other (loaded
-/// between slices, outside the measured time; order alternating). Compared within each pair:
-/// the mean duration of an operation (its latency, pacing sleeps excluded), which holds the
-/// programs' cost wherever the kernel charges their CPU time (a switch to the idle task
-/// charges it to idle). One workload for all slices takes process start-up, CPU placement
-/// and cache state out of the comparison.
-fn interleaved(w: Workload, rate: u64, pairs: usize) -> Result<Vec<f64>, String> {
+/// `pairs` pairs of `slice`-long slices, programs detached in one and attached in the other
+/// (order alternating). The programs are loaded once; between slices, outside the measured
+/// time, only their links are dropped or made again, and the ring buffers drained as the
+/// agent would. Compared within each pair: the mean duration of an operation (its latency,
+/// pacing sleeps excluded), which holds the programs' cost wherever the kernel charges their
+/// CPU time (a switch to the idle task charges it to idle). One workload for all slices takes
+/// process start-up, CPU placement and cache state out of the comparison; short slices make
+/// the two halves of a pair neighbours in time, so the machine's drifts (other guests, host
+/// scheduling) hit both alike, and many pairs narrow the mean's confidence interval.
+///
+/// With `Programs::Empty`, the same measurement of programs that do nothing on the same
+/// tracepoints: the floor.
+fn interleaved(
+    w: Workload,
+    rate: u64,
+    pairs: usize,
+    slice: Duration,
+    which: Programs,
+) -> Result<Vec<f64>, String> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-    const SLICE: Duration = Duration::from_secs(1);
 
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
     let busy_ns = Arc::new(AtomicU64::new(0));
+    let mut t = Loaded::load(which)?;
+    t.detach();
     let workload = {
         let (stop, ops, busy_ns) = (stop.clone(), ops.clone(), busy_ns.clone());
         std::thread::spawn(move || {
@@ -567,29 +629,21 @@ fn interleaved(w: Workload, rate: u64, pairs: usize) -> Result<Vec<f64>, String>
                 [true, false]
             };
             for attached in order {
-                let mut t = if attached {
-                    Some(Telemetry::load(&Options::default()).map_err(|e| e.to_string())?)
+                if attached {
+                    t.attach()?;
                 } else {
-                    None
-                };
-                let (ops0, busy0) = sample();
-                let t0 = Instant::now();
-                // Attached, read the ring buffers as the agent does.
-                while t0.elapsed() < SLICE {
-                    match t.as_mut() {
-                        Some(t) => {
-                            t.poll_events(Duration::from_millis(100))
-                                .map_err(|e| e.to_string())?;
-                        }
-                        None => std::thread::sleep(Duration::from_millis(100)),
-                    }
+                    t.detach();
                 }
+                let (ops0, busy0) = sample();
+                std::thread::sleep(slice);
                 let (ops1, busy1) = sample();
-                drop(t);
                 if ops1 == ops0 {
-                    return Err("the workload made no operation in a slice".to_owned());
+                    return Err(format!(
+                        "the workload made no operation in a {slice:?} slice"
+                    ));
                 }
                 latency[usize::from(attached)] = (busy1 - busy0) as f64 / (ops1 - ops0) as f64;
+                t.drain()?;
             }
             slowdowns.push(100.0 * (latency[1] / latency[0] - 1.0));
         }
@@ -600,6 +654,56 @@ fn interleaved(w: Workload, rate: u64, pairs: usize) -> Result<Vec<f64>, String>
         Ok(Ok(())) => result,
         Ok(Err(e)) => Err(format!("interleaved workload: {e}")),
         Err(_) => Err("interleaved workload panicked".to_owned()),
+    }
+}
+
+/// Which programs [`interleaved`] measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Programs {
+    /// The telemetry programs, as the agent loads them.
+    Telemetry,
+    /// Programs that do nothing, on the same tracepoints.
+    Empty,
+}
+
+enum Loaded {
+    Telemetry(Box<Telemetry>),
+    Empty(Box<EmptyPrograms>),
+}
+
+impl Loaded {
+    fn load(which: Programs) -> Result<Loaded, String> {
+        Ok(match which {
+            Programs::Telemetry => Loaded::Telemetry(Box::new(
+                Telemetry::load(&Options::default()).map_err(|e| e.to_string())?,
+            )),
+            Programs::Empty => {
+                Loaded::Empty(Box::new(EmptyPrograms::load().map_err(|e| e.to_string())?))
+            }
+        })
+    }
+
+    fn attach(&mut self) -> Result<(), String> {
+        match self {
+            Loaded::Telemetry(t) => t.attach(),
+            Loaded::Empty(e) => e.attach(),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    fn detach(&mut self) {
+        match self {
+            Loaded::Telemetry(t) => t.detach(),
+            Loaded::Empty(e) => e.detach(),
+        }
+    }
+
+    /// Reads the ring buffers, as the agent does.
+    fn drain(&mut self) -> Result<(), String> {
+        if let Loaded::Telemetry(t) = self {
+            t.drain_events().map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 }
 

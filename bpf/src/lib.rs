@@ -451,6 +451,53 @@ impl Telemetry {
             .any(|s| s.group == group && s.is_loaded())
     }
 
+    /// Detaches every program, keeping them loaded and the maps with their contents: until
+    /// [`Telemetry::attach`], nothing runs and nothing is counted. Used to measure what the
+    /// programs cost (the overhead benchmark toggles them many times a second), and cheap
+    /// enough for that: no reload, no verifier.
+    pub fn detach(&mut self) {
+        macro_rules! detach {
+            ($($slot:ident),*) => {
+                $(if let Some(s) = self.$slot.as_mut() {
+                    s.detach();
+                })*
+            };
+        }
+        detach!(tcp, sched, oom, proc, block);
+    }
+
+    /// Attaches the loaded programs again after [`Telemetry::detach`] (nothing for groups
+    /// already attached). On failure the groups attached so far stay attached.
+    pub fn attach(&mut self) -> Result<(), BpfError> {
+        macro_rules! attach {
+            ($($slot:ident),*) => {
+                $(if let Some(s) = self.$slot.as_mut() {
+                    s.attach().map_err(BpfError::libbpf(concat!(
+                        "attaching the ",
+                        stringify!($slot),
+                        " programs again"
+                    )))?;
+                })*
+            };
+        }
+        attach!(tcp, sched, oom, proc, block);
+        Ok(())
+    }
+
+    /// Whether every loaded group's programs are attached (see [`Telemetry::detach`]).
+    pub fn is_attached(&self) -> bool {
+        [
+            self.tcp.as_ref().map(|s| s.is_attached()),
+            self.sched.as_ref().map(|s| s.is_attached()),
+            self.oom.as_ref().map(|s| s.is_attached()),
+            self.proc.as_ref().map(|s| s.is_attached()),
+            self.block.as_ref().map(|s| s.is_attached()),
+        ]
+        .into_iter()
+        .flatten()
+        .all(|attached| attached)
+    }
+
     /// The hierarchy the cgroup ids of a group belong to.
     pub fn hierarchy(&self, group: Group) -> Option<&Hierarchy> {
         self.status
@@ -754,6 +801,40 @@ pub fn set_libbpf_logger(min: LibbpfLevel, logger: LibbpfLogger) {
         LibbpfLevel::Debug => libbpf_rs::PrintLevel::Debug,
     };
     libbpf_rs::set_print(Some((min, libbpf_trampoline)));
+}
+
+/// Programs that do nothing, attached to the tracepoints the telemetry groups use: what
+/// merely running a BPF program at those points costs, the floor under any design that
+/// observes every such event. For the overhead benchmark; not part of the agent.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct EmptyPrograms {
+    skel: skel::Pinned<skel::floor::FloorSkel<'static>>,
+}
+
+impl EmptyPrograms {
+    /// Loads and attaches them.
+    pub fn load() -> Result<EmptyPrograms, BpfError> {
+        let skel = skel::open_load(skel::floor::FloorSkelBuilder::default(), |_| Ok(())).map_err(
+            |(step, source)| BpfError::Libbpf {
+                context: format!("empty programs: {step}"),
+                source,
+            },
+        )?;
+        Ok(EmptyPrograms { skel })
+    }
+
+    /// Detaches them (they stay loaded).
+    pub fn detach(&mut self) {
+        self.skel.detach();
+    }
+
+    /// Attaches them again.
+    pub fn attach(&mut self) -> Result<(), BpfError> {
+        self.skel
+            .attach()
+            .map_err(BpfError::libbpf("attaching the empty programs again"))
+    }
 }
 
 /// How often one attached program ran and for how long: the programs' own CPU cost, which the

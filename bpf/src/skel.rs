@@ -4,8 +4,8 @@
 use std::mem::{ManuallyDrop, MaybeUninit};
 use std::ptr::NonNull;
 
-use libbpf_rs::OpenObject;
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{Link, OpenObject};
 
 macro_rules! skeleton {
     ($name:ident, $file:literal) => {
@@ -32,13 +32,21 @@ skeleton!(sched, "sched.skel.rs");
 skeleton!(oom, "oom.skel.rs");
 skeleton!(proc, "proc.skel.rs");
 skeleton!(block, "block.skel.rs");
+skeleton!(floor, "floor.skel.rs");
 
-/// A loaded, attached skeleton together with the storage it borrows.
+/// A loaded skeleton together with the storage it borrows and the links attaching its
+/// programs.
 ///
 /// libbpf-rs skeletons borrow a caller-provided `MaybeUninit<OpenObject>` for their whole
 /// life. To keep one in a struct, the storage is put on the heap here and the skeleton is
 /// given a `'static` borrow of it; the skeleton is always dropped before the storage is freed.
+///
+/// The programs are attached here, one link per loaded program, rather than by the
+/// skeleton's own `attach()`: the skeleton keeps raw link pointers that a detach would leave
+/// dangling, so it could not attach again. Owning the links makes detach (drop them) and
+/// re-attach (attach each loaded program anew) safe while the maps keep their contents.
 pub(crate) struct Pinned<S> {
+    links: Vec<Link>,
     skel: ManuallyDrop<S>,
     storage: NonNull<MaybeUninit<OpenObject>>,
 }
@@ -53,8 +61,40 @@ impl<S> Pinned<S> {
     }
 }
 
+impl<'obj, S: Skel<'obj>> Pinned<S> {
+    /// Whether the programs are attached.
+    pub(crate) fn is_attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    /// Detaches every program (the maps and their contents stay).
+    pub(crate) fn detach(&mut self) {
+        self.links.clear();
+    }
+
+    /// Attaches every loaded program; nothing when already attached. On failure nothing is
+    /// left attached.
+    pub(crate) fn attach(&mut self) -> libbpf_rs::Result<()> {
+        if self.links.is_empty() {
+            self.links = attach_loaded(self.skel.object())?;
+        }
+        Ok(())
+    }
+}
+
+/// One link per loaded program (the others were left out by `set_autoload(false)`).
+fn attach_loaded(object: &libbpf_rs::Object) -> libbpf_rs::Result<Vec<Link>> {
+    object
+        .progs_mut()
+        .filter(|prog| prog.autoload())
+        .map(|prog| prog.attach())
+        .collect()
+}
+
 impl<S> Drop for Pinned<S> {
     fn drop(&mut self) {
+        // Detach before the programs and maps go away.
+        self.links.clear();
         // SAFETY: the skeleton is dropped exactly once, here, and not used afterwards.
         unsafe { ManuallyDrop::drop(&mut self.skel) };
         // SAFETY: `storage` came from a leaked `Box` in `open_load`, and its only user, the
@@ -70,7 +110,7 @@ impl<S> std::fmt::Debug for Pinned<S> {
 }
 
 /// Opens the skeleton, lets `configure` adjust it (constants, map sizes, which programs load),
-/// loads it into the kernel and attaches its programs.
+/// loads it into the kernel and attaches its loaded programs.
 pub(crate) fn open_load<B, F>(
     builder: B,
     configure: F,
@@ -87,12 +127,13 @@ where
     let result = (|| {
         let mut open = builder.open(object).map_err(|e| ("open", e))?;
         configure(&mut open).map_err(|e| ("configure", e))?;
-        let mut skel = open.load().map_err(|e| ("load", e))?;
-        skel.attach().map_err(|e| ("attach", e))?;
-        Ok(skel)
+        let skel = open.load().map_err(|e| ("load", e))?;
+        let links = attach_loaded(skel.object()).map_err(|e| ("attach", e))?;
+        Ok((skel, links))
     })();
     match result {
-        Ok(skel) => Ok(Pinned {
+        Ok((skel, links)) => Ok(Pinned {
+            links,
             skel: ManuallyDrop::new(skel),
             storage,
         }),
