@@ -3,7 +3,7 @@
 //! asserted.
 //!
 //! ```text
-//! cargo bench -p faultline-bpf --bench overhead                      # ~15 min, as root
+//! cargo bench -p faultline-bpf --bench overhead                      # ~16 min, as root
 //! cargo bench -p faultline-bpf --bench overhead -- --workloads switch --events 50000 --reps 9
 //! ```
 //!
@@ -37,7 +37,10 @@
 //! them, so that the machine's slow drifts cancel within a pair and the pairs' mean has a
 //! narrow confidence interval. It is repeated with programs that do nothing on the same
 //! tracepoints ([`EmptyPrograms`]): the floor under any design that runs a program per
-//! event. The
+//! event. Last, the same interleaved measurement of a busy service ([`busy_service`]): the
+//! workload unpaced, with as much computation after each operation ([`compute`]) as brings
+//! it to the target's events per second while it keeps its core busy — the share of a
+//! service's time the programs take when it makes that many events. The
 //! programs run unscoped: every event on the host is processed and counted in the maps (the
 //! worst case for map updates), so other activity on the machine adds noise.
 //!
@@ -267,6 +270,9 @@ struct Row {
     interleaved: Vec<f64>,
     /// The same for programs that do nothing on the same tracepoints.
     floor: Vec<f64>,
+    /// The interleaved measurement of a busy service making the target's events per second
+    /// (`None`: the workload cannot make that many even without computing).
+    busy: Option<Busy>,
     drops: u64,
 }
 
@@ -440,12 +446,20 @@ fn bench(w: Workload, args: &Args) -> Result<Vec<Row>, String> {
             ns_per_event,
             accounted_cost,
             interleaved: match (rate, args.slices) {
-                (Some(r), n) if n > 0 => interleaved(w, r, n, args.slice, Programs::Telemetry)?,
+                (Some(r), n) if n > 0 => {
+                    interleaved(w, Pace::Rate(r), n, args.slice, Programs::Telemetry)?.slowdowns
+                }
                 _ => Vec::new(),
             },
             floor: match (rate, args.slices) {
-                (Some(r), n) if n > 0 => interleaved(w, r, n, args.slice, Programs::Empty)?,
+                (Some(r), n) if n > 0 => {
+                    interleaved(w, Pace::Rate(r), n, args.slice, Programs::Empty)?.slowdowns
+                }
                 _ => Vec::new(),
+            },
+            busy: match (target, args.slices) {
+                (t, n) if t > 0 && n > 0 => busy_service(w, t, events_per_op, n, args.slice)?,
+                _ => None,
             },
             drops: attached.iter().chain([&stats]).map(drops).sum(),
         };
@@ -501,7 +515,7 @@ fn bench(w: Workload, args: &Args) -> Result<Vec<Row>, String> {
 /// The table the README quotes.
 fn print_summary(rows: &[Row]) {
     println!(
-        "\n{:<7} {:>8} {:>9} {:>9} {:>7} {:>8} {:>21} {:>9} {:>15} {:>15} {:>13} {:>7} {:>6} {:>5}",
+        "\n{:<7} {:>8} {:>9} {:>9} {:>7} {:>8} {:>21} {:>9} {:>15} {:>15} {:>22} {:>13} {:>7} {:>6} {:>5}",
         "work",
         "target",
         "handled",
@@ -512,13 +526,14 @@ fn print_summary(rows: &[Row]) {
         "accounted",
         "latency/op",
         "floor: empty",
+        "busy service",
         "throughput",
         "loader",
         "RSS",
         "drops"
     );
     println!(
-        "{:<7} {:>8} {:>9} {:>9} {:>7} {:>8} {:>21} {:>9} {:>15} {:>15} {:>13} {:>7} {:>6} {:>5}",
+        "{:<7} {:>8} {:>9} {:>9} {:>7} {:>8} {:>21} {:>9} {:>15} {:>15} {:>22} {:>13} {:>7} {:>6} {:>5}",
         "",
         "ev/s",
         "ev/s",
@@ -529,6 +544,7 @@ fn print_summary(rows: &[Row]) {
         "cost",
         "interleaved",
         "programs",
+        "[its ev/s] latency/op",
         "slowdown",
         "CPU%",
         "MiB",
@@ -545,7 +561,7 @@ fn print_summary(rows: &[Row]) {
     for r in rows {
         let (clo, chi) = spread(&r.cpu_slowdowns);
         println!(
-            "{:<7} {:>8} {:>9.0} {:>9.0} {:>7.0} {:>7.2}% {:>21} {:>8.1}% {:>15} {:>15} {:>13} {:>6.2}% {:>6.1} {:>5}",
+            "{:<7} {:>8} {:>9.0} {:>9.0} {:>7.0} {:>7.2}% {:>21} {:>8.1}% {:>15} {:>15} {:>22} {:>13} {:>6.2}% {:>6.1} {:>5}",
             r.workload.name(),
             if r.target == 0 {
                 "unpaced".to_owned()
@@ -560,6 +576,10 @@ fn print_summary(rows: &[Row]) {
             r.accounted_cost,
             mean_ci(&r.interleaved),
             mean_ci(&r.floor),
+            r.busy.as_ref().map_or_else(
+                || "-".to_owned(),
+                |b| format!("[{:.0}k] {}", b.events_per_s / 1e3, mean_ci(&b.slowdowns))
+            ),
             format!("{:+.1}%", median(&r.throughput_slowdowns)),
             r.loader_cpu,
             r.loader_rss_kib as f64 / 1024.0,
@@ -568,8 +588,10 @@ fn print_summary(rows: &[Row]) {
         let _ = r.ops_detached;
     }
     println!(
-        "(latency/op and the floor: mean over the slice pairs, ±: half-width of its 95% \
-         confidence interval; throughput: median over the phase pairs)"
+        "(latency/op, the floor and the busy service: mean over the slice pairs, ±: half-width \
+         of its 95% confidence interval; busy service: a workload computing between its \
+         operations so that it keeps its core busy at about the target's events/s; \
+         throughput: median over the phase pairs)"
     );
 }
 
@@ -589,11 +611,11 @@ fn print_summary(rows: &[Row]) {
 /// tracepoints: the floor.
 fn interleaved(
     w: Workload,
-    rate: u64,
+    pace: Pace,
     pairs: usize,
     slice: Duration,
     which: Programs,
-) -> Result<Vec<f64>, String> {
+) -> Result<Interleaved, String> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
@@ -606,9 +628,14 @@ fn interleaved(
         let (stop, ops, busy_ns) = (stop.clone(), ops.clone(), busy_ns.clone());
         std::thread::spawn(move || {
             pin_to_last_cpu(w);
+            let (rate, work) = match pace {
+                Pace::Rate(r) => (Some(r), 0),
+                Pace::Busy { work } => (None, work),
+            };
             drive(
                 w,
-                Some(rate),
+                rate,
+                work,
                 || !stop.load(Relaxed),
                 |d| {
                     busy_ns.fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
@@ -621,6 +648,7 @@ fn interleaved(
     let result = (|| {
         std::thread::sleep(Duration::from_millis(500)); // start-up, first operations
         let mut slowdowns = Vec::with_capacity(pairs);
+        let (mut detached_ops, mut detached_time) = (0u64, Duration::ZERO);
         for pair in 0..pairs {
             let mut latency = [0.0f64; 2]; // [detached, attached], ns per operation
             let order = if pair % 2 == 0 {
@@ -635,8 +663,13 @@ fn interleaved(
                     t.detach();
                 }
                 let (ops0, busy0) = sample();
+                let started = Instant::now();
                 std::thread::sleep(slice);
                 let (ops1, busy1) = sample();
+                if !attached {
+                    detached_ops += ops1 - ops0;
+                    detached_time += started.elapsed();
+                }
                 if ops1 == ops0 {
                     return Err(format!(
                         "the workload made no operation in a {slice:?} slice"
@@ -647,7 +680,10 @@ fn interleaved(
             }
             slowdowns.push(100.0 * (latency[1] / latency[0] - 1.0));
         }
-        Ok(slowdowns)
+        Ok(Interleaved {
+            slowdowns,
+            detached_ops_per_s: detached_ops as f64 / detached_time.as_secs_f64().max(1e-9),
+        })
     })();
     stop.store(true, Relaxed);
     match workload.join() {
@@ -655,6 +691,117 @@ fn interleaved(
         Ok(Err(e)) => Err(format!("interleaved workload: {e}")),
         Err(_) => Err("interleaved workload panicked".to_owned()),
     }
+}
+
+/// A busy service's slowdown: [`Pace::Busy`] with as much computation per operation as makes
+/// the target's events per second.
+struct Busy {
+    /// Events per second the service made in the detached slices (operations per second times
+    /// the calibrated events per operation).
+    events_per_s: f64,
+    /// Per slice pair, percent.
+    slowdowns: Vec<f64>,
+}
+
+/// Measures [`Pace::Busy`] for `w` with as much computation per operation as brings it to
+/// `target` events per second: a service that keeps its core busy and makes that many events
+/// as a part of its work, the reading of "slowdown at N events/s" that holds for any workload.
+/// `None` when the workload is slower than that without any computation.
+fn busy_service(
+    w: Workload,
+    target: u64,
+    events_per_op: f64,
+    pairs: usize,
+    slice: Duration,
+) -> Result<Option<Busy>, String> {
+    let op_budget_ns = 1e9 * events_per_op / target as f64;
+    let (unit_ns, bare_op_ns) = pinned(w, move || {
+        let unit = ns_per_compute_unit();
+        mean_op_ns(w, 0, Duration::from_millis(700)).map(|op| (unit, op))
+    })?;
+    if bare_op_ns >= 0.9 * op_budget_ns {
+        println!(
+            "  busy service at {target} events/s: skipped, an operation alone takes {:.1} µs \
+             of the {:.1} µs budget",
+            bare_op_ns / 1e3,
+            op_budget_ns / 1e3
+        );
+        return Ok(None);
+    }
+    // A first guess from the parts, then one correction from a measured run: the parts do not
+    // add up exactly (caches, the echo or server thread sharing the core).
+    let mut work = ((op_budget_ns - bare_op_ns) / unit_ns).max(1.0);
+    let measured = pinned(w, move || {
+        mean_op_ns(w, work as u64, Duration::from_millis(700))
+    })?;
+    work = (work + (op_budget_ns - measured) / unit_ns).max(1.0);
+    let work = work.round() as u64;
+    let run = interleaved(w, Pace::Busy { work }, pairs, slice, Programs::Telemetry)?;
+    let busy = Busy {
+        events_per_s: run.detached_ops_per_s * events_per_op,
+        slowdowns: run.slowdowns,
+    };
+    let (mean, ci) = mean_ci95(&busy.slowdowns);
+    println!(
+        "  busy service, {work} compute units per operation ({:.1} µs budget), {:.0} events/s \
+         detached: latency/op mean {mean:+.2}% ±{ci:.2} (95% CI), median {:+.2}%",
+        op_budget_ns / 1e3,
+        busy.events_per_s,
+        median(&busy.slowdowns)
+    );
+    Ok(Some(busy))
+}
+
+/// Runs `f` on a thread pinned like the workloads and returns what it returns.
+fn pinned<T: Send + 'static>(
+    w: Workload,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    std::thread::spawn(move || {
+        pin_to_last_cpu(w);
+        f()
+    })
+    .join()
+    .map_err(|_| "a pinned measurement panicked".to_owned())?
+}
+
+/// The mean duration of an operation of `w` with `work` units of computation, run unpaced for
+/// `length` on the calling thread, programs as they are (the caller has none loaded).
+fn mean_op_ns(w: Workload, work: u64, length: Duration) -> Result<f64, String> {
+    let deadline = Instant::now() + length;
+    let (mut ops, mut busy) = (0u64, Duration::ZERO);
+    drive(
+        w,
+        None,
+        work,
+        || Instant::now() < deadline,
+        |d| {
+            ops += 1;
+            busy += d;
+        },
+    )
+    .map_err(|e| format!("{}: {e}", w.name()))?;
+    Ok(busy.as_nanos() as f64 / ops.max(1) as f64)
+}
+
+/// How the workload of [`interleaved`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pace {
+    /// Paced at this many operations per second: an operation is nothing but events, and the
+    /// workload sleeps between operations.
+    Rate(u64),
+    /// As fast as it can, `work` units of [`compute`] after each operation: a service that
+    /// keeps its core busy and makes events as a part of its work.
+    Busy { work: u64 },
+}
+
+/// What [`interleaved`] measured.
+struct Interleaved {
+    /// Per slice pair, the attached slice's latency per operation over the detached one's,
+    /// minus one, in percent.
+    slowdowns: Vec<f64>,
+    /// Operations per second in the detached slices.
+    detached_ops_per_s: f64,
 }
 
 /// Which programs [`interleaved`] measures.
@@ -835,7 +982,7 @@ fn worker(w: Workload, secs: Duration, rate: Option<u64>) {
     let start = Instant::now();
     let deadline = start + secs;
     let mut ops = 0u64;
-    let result = drive(w, rate, || Instant::now() < deadline, |_| ops += 1);
+    let result = drive(w, rate, 0, || Instant::now() < deadline, |_| ops += 1);
     let wall = start.elapsed();
     if let Err(e) = result {
         eprintln!("worker {}: {e}", w.name());
@@ -870,13 +1017,21 @@ fn pin_to_last_cpu(w: Workload) {
 }
 
 /// Runs operations of `w` while `keep_going()`, `rate` per second (or as fast as it can),
-/// and hands each operation's duration (pacing excluded) to `on_op`.
+/// each followed by `work` units of computation ([`compute`]), and hands each operation's
+/// duration (computation included, pacing excluded) to `on_op`.
 fn drive(
     w: Workload,
     rate: Option<u64>,
+    work: u64,
     mut keep_going: impl FnMut() -> bool,
     mut on_op: impl FnMut(Duration),
 ) -> std::io::Result<()> {
+    let mut scratch = vec![0u8; COMPUTE_BUFFER];
+    let mut work = move || {
+        if work > 0 {
+            compute(&mut scratch, work);
+        }
+    };
     let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1) as f64));
     let mut next = Instant::now();
     let mut pace = || {
@@ -905,6 +1060,7 @@ fn drive(
                 let mut c = TcpStream::connect(addr)?;
                 let _ = c.read(&mut buf);
                 drop(c);
+                work();
                 on_op(op.elapsed());
                 pace();
             }
@@ -920,6 +1076,7 @@ fn drive(
                 let op = Instant::now();
                 a.write_all(&byte)?;
                 a.read_exact(&mut byte)?;
+                work();
                 on_op(op.elapsed());
                 pace();
             }
@@ -928,10 +1085,47 @@ fn drive(
             while keep_going() {
                 let op = Instant::now();
                 Command::new("/bin/true").status()?;
+                work();
                 on_op(op.elapsed());
                 pace();
             }
         }
     }
     Ok(())
+}
+
+/// Bytes [`compute`] walks through: 64 KiB, more than a core's L1 data cache, so that cache
+/// lines the programs evict are missed again, as a service's would be.
+const COMPUTE_BUFFER: usize = 64 * 1024;
+
+/// A service's work between its events, `units` of it: each unit mixes one 64-byte line of
+/// `scratch` into a running hash and writes the result back (loads, stores, arithmetic; no
+/// system calls, so no events).
+fn compute(scratch: &mut [u8], units: u64) {
+    let lines = scratch.len() / 64;
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for unit in 0..units {
+        let start = (unit as usize % lines.max(1)) * 64;
+        let line = &mut scratch[start..start + 64];
+        for byte in line.iter() {
+            hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        line[(hash % 64) as usize] = hash as u8;
+    }
+    std::hint::black_box(hash);
+}
+
+/// Nanoseconds one unit of [`compute`] takes on the calling thread (best of five tries, so a
+/// preemption does not inflate it).
+fn ns_per_compute_unit() -> f64 {
+    let mut scratch = vec![0u8; COMPUTE_BUFFER];
+    let units = 200_000;
+    compute(&mut scratch, units); // warm the buffer and the code
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            compute(&mut scratch, units);
+            t.elapsed().as_nanos() as f64 / units as f64
+        })
+        .fold(f64::INFINITY, f64::min)
 }
