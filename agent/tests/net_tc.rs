@@ -122,11 +122,46 @@ impl Pair {
         }
     }
 
+    /// The device's qdiscs as configured: `tc qdisc show` without the one counter it prints
+    /// even without `-s` (htb's `direct_packets_stat`, which the kernel's own packets on a
+    /// fresh veth — IPv6 router solicitations, MLD reports — can move between two looks).
     async fn qdiscs(&self, ns: &str, dev: &str) -> String {
-        run("tc", &["-n", ns, "qdisc", "show", "dev", dev])
+        let shown = run("tc", &["-n", ns, "qdisc", "show", "dev", dev])
             .await
-            .stdout
+            .stdout;
+        without_counters(&shown)
     }
+}
+
+/// `tc qdisc show` output with every `direct_packets_stat N` pair dropped.
+fn without_counters(shown: &str) -> String {
+    shown
+        .lines()
+        .map(|line| {
+            let mut words = line.split(' ');
+            let mut kept = Vec::new();
+            while let Some(word) = words.next() {
+                if word == "direct_packets_stat" {
+                    words.next();
+                } else {
+                    kept.push(word);
+                }
+            }
+            kept.join(" ") + "\n"
+        })
+        .collect()
+}
+
+#[test]
+fn counters_are_dropped_from_qdisc_listings() {
+    assert_eq!(
+        without_counters(
+            "qdisc htb 1: root refcnt 3 r2q 10 default 0x10 direct_packets_stat 1 direct_qlen 1000\n\
+             qdisc noqueue 0: root refcnt 2\n"
+        ),
+        "qdisc htb 1: root refcnt 3 r2q 10 default 0x10 direct_qlen 1000\n\
+         qdisc noqueue 0: root refcnt 2\n"
+    );
 }
 
 const SERVER: &str = r#"
