@@ -705,7 +705,8 @@ struct Busy {
 
 /// Measures [`Pace::Busy`] for `w` with as much computation per operation as brings it to
 /// `target` events per second: a service that keeps its core busy and makes that many events
-/// as a part of its work, the reading of "slowdown at N events/s" that holds for any workload.
+/// as a part of its work. Its slowdown is the share of such a service's time the programs take
+/// at that rate; a service with other work per event (or none) sees more or less.
 /// `None` when the workload is slower than that without any computation.
 fn busy_service(
     w: Workload,
