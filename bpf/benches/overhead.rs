@@ -1,6 +1,7 @@
 //! What the telemetry programs cost: a workload driven at known event rates runs alternately
 //! with the programs detached and attached, several times; the figures are printed, nothing is
-//! asserted.
+//! asserted. Last, the issue's target at 50k events/s (<= 5% of one core, <= 2% busy-service
+//! slowdown) is checked against this run's figures and the verdict printed.
 //!
 //! ```text
 //! cargo bench -p faultline-bpf --bench overhead                      # ~16 min, as root
@@ -593,6 +594,54 @@ fn print_summary(rows: &[Row]) {
          operations so that it keeps its core busy at about the target's events/s; \
          throughput: median over the phase pairs)"
     );
+    print_target_check(rows);
+}
+
+/// The issue's target, checked against this run's figures at its event rate.
+const TARGET_EVENTS_PER_S: u64 = 50_000;
+const TARGET_CORE_PERCENT: f64 = 5.0;
+const TARGET_SLOWDOWN_PERCENT: f64 = 2.0;
+
+/// Prints, per workload measured at [`TARGET_EVENTS_PER_S`], whether this run meets the
+/// target: the programs' share of a core, and the busy service's slowdown judged by its mean
+/// and by the upper end of its confidence interval.
+fn print_target_check(rows: &[Row]) {
+    let at_target: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.target == TARGET_EVENTS_PER_S)
+        .collect();
+    if at_target.is_empty() {
+        return;
+    }
+    println!(
+        "target at {TARGET_EVENTS_PER_S} events/s: <= {TARGET_CORE_PERCENT}% of one core and \
+         <= {TARGET_SLOWDOWN_PERCENT}% busy-service slowdown"
+    );
+    for r in at_target {
+        let core = 100.0 * r.events_per_s * r.ns_per_event * 1e-9;
+        let core_verdict = if core <= TARGET_CORE_PERCENT {
+            "met"
+        } else {
+            "NOT met"
+        };
+        let slowdown_verdict = match r.busy.as_ref() {
+            None => "not measurable (the workload cannot make that rate)".to_owned(),
+            Some(b) => {
+                let (mean, ci) = mean_ci95(&b.slowdowns);
+                if mean + ci <= TARGET_SLOWDOWN_PERCENT {
+                    format!("{mean:+.1}% ±{ci:.1}: met, confidence interval included")
+                } else if mean <= TARGET_SLOWDOWN_PERCENT {
+                    format!("{mean:+.1}% ±{ci:.1}: met by the mean, not by the whole interval")
+                } else {
+                    format!("{mean:+.1}% ±{ci:.1}: NOT met")
+                }
+            }
+        };
+        println!(
+            "  {:<7} core {core:.2}%: {core_verdict}; slowdown {slowdown_verdict}",
+            r.workload.name()
+        );
+    }
 }
 
 /// The slowdown as the workload sees it, measured in one long-lived workload: a thread of this
