@@ -277,6 +277,13 @@ struct Row {
     drops: u64,
 }
 
+impl Row {
+    /// The programs' share of one core: events handled per second times their cost.
+    fn core_percent(&self) -> f64 {
+        100.0 * self.events_per_s * self.ns_per_event * 1e-9
+    }
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
@@ -572,7 +579,7 @@ fn print_summary(rows: &[Row]) {
             r.events_per_s,
             r.ops_attached,
             r.ns_per_event,
-            100.0 * r.events_per_s * r.ns_per_event * 1e-9,
+            r.core_percent(),
             format!("{:+.1}% [{clo:+.1}..{chi:+.1}]", median(&r.cpu_slowdowns)),
             r.accounted_cost,
             mean_ci(&r.interleaved),
@@ -618,14 +625,14 @@ fn print_target_check(rows: &[Row]) {
          <= {TARGET_SLOWDOWN_PERCENT}% busy-service slowdown"
     );
     for r in at_target {
-        let core = 100.0 * r.events_per_s * r.ns_per_event * 1e-9;
+        let core = r.core_percent();
         let core_verdict = if core <= TARGET_CORE_PERCENT {
             "met"
         } else {
             "NOT met"
         };
         let slowdown_verdict = match r.busy.as_ref() {
-            None => "not measurable (the workload cannot make that rate)".to_owned(),
+            None => "not measured (skipped above, or --slices 0)".to_owned(),
             Some(b) => {
                 let (mean, ci) = mean_ci95(&b.slowdowns);
                 if mean + ci <= TARGET_SLOWDOWN_PERCENT {
